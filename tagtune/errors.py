@@ -1,0 +1,20 @@
+"""Errors users see: each names the file and line (or the param) and what is wrong."""
+
+from __future__ import annotations
+
+
+class TagtuneError(Exception):
+    """Base class: caught by every stage's `main()`, printed without a traceback, exit code 1."""
+
+
+class ConfigError(TagtuneError):
+    """params.yaml (or an override) is invalid; the message names the key path."""
+
+
+class DataError(TagtuneError):
+    """Bad input data; the message names the file and line/record."""
+
+    def __init__(self, path: object, line: int | None, problem: str):
+        self.path, self.line, self.problem = str(path), line, problem
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {problem}")
