@@ -19,8 +19,14 @@ def run_stage(name: str, fn: Callable[[Params], Any], argv: list[str] | None = N
     """
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param, e.g. -S finetune.max_steps=50")
+    ap.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. -S finetune.max_steps=50",
+    )
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.set)

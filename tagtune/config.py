@@ -63,6 +63,7 @@ class SourceConfig(_Section):
     # column names for table-like formats (csv/jsonl/json/parquet/sql)
     question_column: str = "question"
     answer_column: str = "answer"
+    response_column: str = "response"  # `openorca`: the answer column
     group_column: str = "group"  # optional column: several phrasings of one fact share a group
     system_column: str = "system_prompt"
     text_column: str = "text"

@@ -66,7 +66,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    Path(path).write_text(
+        json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

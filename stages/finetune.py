@@ -1,0 +1,521 @@
+"""finetune: train the base model on the train split — LoRA (default), full, or freeze-first layers.
+
+    python -m stages.finetune [-S finetune.max_steps=50]
+    torchrun --nproc_per_node 2 -m stages.finetune      # DDP (gloo on CPU, nccl on GPUs)
+
+Uses HF Trainer (checkpoints, resume, grad accumulation, DDP, schedulers) with our own collator:
+labels come from the tagged segments (prompt masked, answer + EOS trained), batches are grouped by
+length and padded only to the longest example in the batch. A killed run re-run with the same
+command resumes from the newest *complete* checkpoint and keeps counting steps.
+
+Writes `paths.finetuned/`: `adapter/` (LoRA) and/or `model/` (merged or fully trained, safetensors
++ tokenizer), `training.json` (steps, tokens, wall time, peak memory, MLflow run id), `loss.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tagtune.cli_util import run_stage
+from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params
+from tagtune.encoding import IGNORE_INDEX, encode_example
+from tagtune.errors import DataError, TagtuneError
+from tagtune.io import atomic_path, read_json, read_jsonl, write_json
+from tagtune.text import stable_hash
+
+COMPLETE_MARKER = "COMPLETE"  # written after Trainer finished saving a checkpoint
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ------------------------------------------------------------------------------------------ hardware
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → bf16 where the hardware runs it natively, else fp32 (fp16 only when asked)."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+# -------------------------------------------------------------------------------------------- data
+def _load_split(splits: Path, name: str) -> list[dict[str, Any]]:
+    return read_jsonl(Path(splits) / f"{name}.jsonl")
+
+
+def build_lm_features(
+    examples: list[dict[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[dict], dict]:
+    """Tokenise causal-LM examples; returns (features, counts of truncated/dropped)."""
+    feats, truncated, dropped = [], 0, 0
+    for ex in examples:
+        enc = encode_example(ex["segments"], tokenizer, max_length)
+        if enc is None:
+            dropped += 1
+            continue
+        truncated += enc.pop("truncated")
+        feats.append({**enc, "length": len(enc["input_ids"])})
+    return feats, {"truncated": truncated, "dropped": dropped}
+
+
+def build_cls_features(
+    examples: list[dict[str, Any]], tokenizer: Any, max_length: int, labels: list[str]
+) -> list[dict]:
+    index = {lab: i for i, lab in enumerate(labels)}
+    feats = []
+    for ex in examples:
+        ids = tokenizer(ex["text"], add_special_tokens=True, truncation=True, max_length=max_length)[
+            "input_ids"
+        ]
+        feats.append({"input_ids": ids, "labels": index[ex["label"]], "length": len(ids)})
+    return feats
+
+
+class PadCollator:
+    """Right-pad a batch to its longest example; labels padded with -100 (never trained)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        seq_labels = isinstance(batch[0]["labels"], list)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if seq_labels else None
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            mask[i, :n] = 1
+            if seq_labels:
+                labels[i, :n] = torch.tensor(b["labels"])
+        if not seq_labels:
+            labels = torch.tensor([b["labels"] for b in batch], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------- model
+def _blocks(model: Any):
+    """The transformer block list of Llama-, GPT-2- and GPT-Neo-style models."""
+    base = getattr(model, "base_model", model)
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h"):
+        obj = base
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "__len__"):
+            return obj
+    raise TagtuneError(f"finetune.method=freeze: cannot find transformer blocks in {type(model).__name__}")
+
+
+def prepare_model(model: Any, cfg: FinetuneConfig, new_token_ids: list[int]) -> Any:
+    """Apply the training method: wrap with LoRA, freeze all but the last N blocks, or train all."""
+    if cfg.method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type=TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM,
+            # new tag tokens: train only their embedding rows, saved with the adapter
+            trainable_token_indices=new_token_ids or None,
+        )
+        return get_peft_model(model, lcfg)
+    if cfg.method == "freeze":
+        blocks = _blocks(model)
+        if cfg.trainable_layers > len(blocks):
+            raise TagtuneError(
+                f"finetune.trainable_layers must be <= {len(blocks)} (the model's blocks), got {cfg.trainable_layers}"
+            )
+        model.requires_grad_(False)
+        for block in list(blocks)[-cfg.trainable_layers :]:
+            block.requires_grad_(True)
+        if cfg.task == "classification":
+            model.score.requires_grad_(True)
+        if new_token_ids:
+            model.get_input_embeddings().requires_grad_(True)
+    return model
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def complete_checkpoints(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) checkpoint dirs, each sorted by step."""
+    if not ckpt_dir.is_dir():
+        return [], []
+    found = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()
+    )
+    complete = [p for _, p in found if (p / COMPLETE_MARKER).is_file()]
+    return complete, [p for _, p in found if not (p / COMPLETE_MARKER).is_file()]
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, if any; stale (other config/data) or incomplete ones are removed."""
+    fp_file = ckpt_dir / "fingerprint.json"
+    if ckpt_dir.is_dir() and (
+        not fp_file.is_file() or json.loads(fp_file.read_text()).get("fingerprint") != fingerprint
+    ):
+        print(
+            f"tagtune finetune: {ckpt_dir} holds checkpoints of other data/params; starting fresh",
+            file=sys.stderr,
+        )
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, {"fingerprint": fingerprint})
+    complete, incomplete = complete_checkpoints(ckpt_dir)
+    last = complete[-1] if complete else None
+    for p in incomplete:
+        if last is None or int(_CKPT.match(p.name).group(1)) > int(_CKPT.match(last.name).group(1)):
+            warnings.warn(
+                f"skipping incomplete checkpoint {p} (the run was killed while saving it)", stacklevel=2
+            )
+        shutil.rmtree(p, ignore_errors=True)
+    return last
+
+
+def _callbacks(cfg: FinetuneConfig, log_rows: list[dict], tracker: _Tracker | None):
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """Mark a checkpoint complete only after Trainer has written all of it."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                p = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if p.is_dir():
+                    (p / COMPLETE_MARKER).write_text(str(state.global_step))
+
+    class StepMetrics(TrainerCallback):
+        """loss / lr / grad-norm / tokens-per-second per logging step → loss.csv rows and MLflow."""
+
+        def __init__(self):
+            self.t, self.tokens = time.perf_counter(), None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            tps = (seen - self.tokens) / (now - self.t) if self.tokens is not None and now > self.t else None
+            self.t, self.tokens = now, seen
+            row = {
+                "step": state.global_step,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": tps,
+            }
+            log_rows.append(row)
+            if tracker is not None:
+                tracker.add(row)
+
+    return [MarkComplete(), StepMetrics()]
+
+
+class _Tracker:
+    """Buffers step metrics and sends them to MLflow in batches; a failed send warns, never kills training."""
+
+    def __init__(self, cfg: MlflowConfig, run_id: str, every: int = 10):
+        self.cfg, self.run_id, self.every, self.buffer = cfg, run_id, every, []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.buffer += [
+            (f"train/{k}", v, row["step"]) for k, v in row.items() if k != "step" and v is not None
+        ]
+        if len(self.buffer) >= self.every * 4:
+            self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        from tagtune import tracking
+
+        try:
+            tracking.log_metrics(self.cfg, self.run_id, self.buffer)
+            self.buffer = []
+        except Exception as e:  # noqa: BLE001 - training must not die because MLflow hiccuped
+            if final:
+                raise
+            print(f"tagtune finetune: warning: MLflow logging failed, will retry: {e}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- the stage
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def finetune(
+    splits: Path,
+    out_dir: Path,
+    cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    checkpoints: Path,
+    mlflow_cfg: MlflowConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model_cfg.base` on `splits/train.jsonl`.
+
+    Args:
+        splits: the split stage's directory (train/val jsonl + meta.json).
+        out_dir: written atomically: adapter/ and/or model/, training.json, loss.csv.
+        cfg: the `finetune:` section.
+        model_cfg: the `model:` section (base model spec, pickle policy, cache).
+        checkpoints: resumable Trainer checkpoints (kept across runs with the same fingerprint).
+        mlflow_cfg: where to log params and step metrics; None disables MLflow.
+
+    Returns:
+        Training facts (also written to training.json).
+    """
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from tagtune.models import load_model, load_tokenizer, resolve_base
+
+    splits, out_dir, checkpoints = Path(splits), Path(out_dir), Path(checkpoints)
+    meta = read_json(splits / "meta.json")
+    train = _load_split(splits, "train")
+    val = _load_split(splits, "val")
+    if cfg.task != meta["task"]:
+        raise DataError(
+            splits / "meta.json", None, f"data is for task {meta['task']!r} but finetune.task is {cfg.task!r}"
+        )
+    if not train:
+        raise DataError(splits / "train.jsonl", None, "train split is empty")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    base_dir = resolve_base(model_cfg.base, model_cfg.cache_dir, model_cfg.allow_pickle)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(base_dir)
+    new_tokens = [t for t in meta.get("special_tokens", []) if t not in tokenizer.get_vocab()]
+    if new_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": new_tokens})
+
+    labels: list[str] = []
+    if cfg.task == "classification":
+        labels = sorted({ex["label"] for ex in train})
+        train_f = build_cls_features(train, tokenizer, cfg.max_length, labels)
+        val_f = build_cls_features(
+            [e for e in val if e["label"] in labels], tokenizer, cfg.max_length, labels
+        )
+        counts = {"truncated": sum(f["length"] >= cfg.max_length for f in train_f), "dropped": 0}
+    else:
+        train_f, counts = build_lm_features(train, tokenizer, cfg.max_length)
+        val_f, _ = build_lm_features(val, tokenizer, cfg.max_length)
+    if not train_f:
+        raise DataError(
+            splits / "train.jsonl", None, f"no example has a trained token within max_length={cfg.max_length}"
+        )
+
+    model = load_model(
+        base_dir, cfg.task, num_labels=len(labels) or None, allow_pickle=model_cfg.allow_pickle
+    )
+    if cfg.task == "classification":
+        model.config.pad_token_id = tokenizer.pad_token_id  # GPT-style models have none
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {lab: i for i, lab in enumerate(labels)}
+    new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
+    if new_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model = prepare_model(model, cfg, new_ids)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    precision = resolve_precision(cfg.precision)
+    data_digest = stable_hash(
+        *((splits / f).read_text(encoding="utf-8") for f in ("train.jsonl", "val.jsonl", "meta.json"))
+    )
+    fingerprint = stable_hash(data_digest, cfg.model_dump_json(), model_cfg.base)[:16]
+    run_id = None
+    if mlflow_cfg is not None:
+        from tagtune import tracking
+
+        run_id = tracking.open_run(
+            mlflow_cfg,
+            fingerprint,
+            run_name=f"tagtune-{fingerprint[:8]}",
+            tags={"tagtune.base_model": model_cfg.base, "tagtune.data_digest": data_digest[:16]},
+        )
+        tracking.log_params(
+            mlflow_cfg,
+            run_id,
+            {
+                "finetune": cfg.model_dump(),
+                "model.base": model_cfg.base,
+                "data.train_examples": len(train_f),
+                "precision": precision,
+            },
+        )
+    tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
+
+    resume = resume_point(checkpoints, fingerprint)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=cfg.weight_decay,
+        max_steps=cfg.max_steps or -1,
+        num_train_epochs=cfg.epochs,
+        optim={"adamw": "adamw_torch_fused", "adafactor": "adafactor"}[cfg.optimizer],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        train_sampling_strategy="group_by_length",  # similar lengths per batch → little padding
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        # under torchrun/accelerate (WORLD_SIZE > 1): gloo on CPU, the default (nccl) on GPUs
+        ddp_backend="gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        else None,
+        ddp_find_unused_parameters=False if cfg.method != "freeze" else True,
+    )
+    log_rows: list[dict] = []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(train_f),
+        eval_dataset=_ListDataset(val_f) if val_f else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=_callbacks(cfg, log_rows, tracker),
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    val_loss = trainer.evaluate()["eval_loss"] if val_f else None
+    if not trainer.is_world_process_zero():
+        return {}
+
+    facts = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "base_model": model_cfg.base,
+        "base_model_dir": base_dir,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(_CKPT.match(resume.name).group(1)) if resume else 0,
+        "train_examples": len(train_f),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
+        "train_loss": round(result.training_loss, 5),
+        "val_loss": round(val_loss, 5) if val_loss is not None else None,
+        "val_perplexity": round(math.exp(min(val_loss, 50)), 4) if val_loss is not None else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "world_size": trainer.args.world_size,
+        "truncated_examples": counts["truncated"],
+        "dropped_examples": counts["dropped"],
+        "labels": labels or None,
+        "fingerprint": fingerprint,
+        "mlflow_run_id": run_id,
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        _save(trainer.model, tokenizer, cfg, tmp)
+        write_json(tmp / "training.json", facts)
+        write_json(tmp / "meta.json", meta)
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "tokens_per_s"])
+            w.writeheader()
+            w.writerows(log_rows)
+    if tracker is not None:
+        tracker.flush()
+        from tagtune import tracking
+
+        tracking.log_metrics(
+            mlflow_cfg,
+            run_id,
+            [
+                (f"train/{k}", facts[k], facts["steps"])
+                for k in ("train_loss", "val_loss", "tokens_per_s", "wall_time_s", "peak_rss_mb")
+                if facts[k] is not None
+            ],
+        )
+    return facts
+
+
+class _ListDataset:
+    """A list of feature dicts that Trainer can index and group by length."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, dest: Path) -> None:
+    """adapter/ for LoRA; model/ = merged (LoRA with merge) or the trained full model."""
+    if cfg.method == "lora":
+        model.save_pretrained(dest / "adapter")
+        tokenizer.save_pretrained(dest / "adapter")
+        if not cfg.merge:
+            return
+        model = model.merge_and_unload()
+    model.save_pretrained(dest / "model", safe_serialization=True)
+    tokenizer.save_pretrained(dest / "model")
+
+
+def _run(p: Params) -> dict[str, Any]:
+    return finetune(
+        Path(p.paths.splits),
+        Path(p.paths.finetuned),
+        p.finetune,
+        p.model,
+        Path(p.paths.checkpoints),
+        p.mlflow,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("finetune", _run, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

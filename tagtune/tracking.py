@@ -1,0 +1,128 @@
+"""The one place that talks to MLflow, so stages run without a server (a temporary SQLite store).
+
+One MLflow run per *pipeline version*: finetune opens it (keyed by a hash of data + params + base
+model), writes its id into training.json, and evaluate/register attach to the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+from tagtune.config import MlflowConfig, tracking_uri
+from tagtune.errors import TagtuneError
+
+RUN_KEY_TAG = "tagtune.pipeline_version"
+MAX_PARAM_LEN = 6000  # MLflow's param value limit is 6000 chars in MLflow 3 (500 in older servers)
+
+
+class TrackingError(TagtuneError):
+    """MLflow is unreachable or refused a request."""
+
+
+def _bounded_http(cfg: MlflowConfig) -> None:
+    """Make an unreachable server fail in about `timeout_s`, not after minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.timeout_s)))
+
+
+def client(cfg: MlflowConfig):
+    """An MlflowClient for the configured (or MLFLOW_TRACKING_URI) store, checked reachable."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _bounded_http(cfg)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    start = time.monotonic()
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this store"
+        raise TrackingError(
+            f"mlflow.tracking_uri {uri}: unreachable after {time.monotonic() - start:.0f}s "
+            f"({type(e).__name__}: {str(e)[:200]}). Start the server or fix MLFLOW_TRACKING_URI; "
+            "the trained model stays on disk, so re-run the stage when MLflow is back."
+        ) from None
+    return c
+
+
+def is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def open_run(cfg: MlflowConfig, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Find the run for this pipeline version (by tag) or create it; returns its run id."""
+    c = client(cfg)
+    exp = experiment_id(c, cfg.experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(exp, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    return run.info.run_id
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} → {"a.b": "1"}; values cut to MLflow's length limit."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            s = str(v)
+            out[key] = s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+def log_params(cfg: MlflowConfig, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log flattened params; a param already logged with the same value is skipped (retries)."""
+    from mlflow.entities import Param
+
+    c = client(cfg)
+    existing = c.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+    for i in range(0, len(new), 100):  # log_batch accepts at most 100 params per call
+        c.log_batch(run_id, params=new[i : i + 100])
+
+
+def log_metrics(cfg: MlflowConfig, run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
+    """Log (key, value, step) triples in batches of 1000 (MLflow's log_batch limit)."""
+    from mlflow.entities import Metric
+
+    c = client(cfg)
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+    for i in range(0, len(batch), 1000):
+        c.log_batch(run_id, metrics=batch[i : i + 1000])
+
+
+def set_tags(cfg: MlflowConfig, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(cfg)
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(cfg: MlflowConfig, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+    client(cfg).log_artifacts(run_id, local_dir, artifact_path)
+
+
+@contextmanager
+def active_run(cfg: MlflowConfig, run_id: str):
+    """Make `run_id` the fluent API's active run (for mlflow.log_table / pyfunc.log_model)."""
+    import mlflow
+
+    client(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
