@@ -407,7 +407,7 @@ def finetune(
         ddp_backend="gloo"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         else None,
-        ddp_find_unused_parameters=False if cfg.method != "freeze" else True,
+        ddp_find_unused_parameters=cfg.method == "freeze",  # frozen blocks get no grads
     )
     log_rows: list[dict] = []
     trainer = Trainer(

@@ -201,6 +201,7 @@ def format(
     )
     meta = {
         "template": cfg.template,
+        "format": cfg.model_dump(),  # lets inference render a question exactly as training did
         "tags": cfg.tags.model_dump(),
         # generation stops at this string; finetune appends EOS after it so the model learns to stop
         "end_marker": cfg.tags.end if cfg.template == "tagged" else None,
@@ -239,6 +240,22 @@ def _preview(examples: list[dict[str, Any]], cfg: FormatConfig) -> str:
             body = "".join(f"{o}{s}{c}" if t else s for s, t in ex["segments"])
         out.append("```text\n" + body + "\n```\n")
     return "\n".join(out)
+
+
+SENTINEL = "\x00"  # stands in for the answer when rendering an inference prompt
+
+
+def render_prompt(question: str, meta: dict[str, Any], tokenizer: Any = None) -> str:
+    """The prompt a model trained on this template expects for `question` (used at inference).
+
+    Renders [user question, assistant SENTINEL] with the same renderer training used and keeps the
+    text before the sentinel, so inference can never drift from the training format.
+    """
+    cfg = FormatConfig.model_validate(meta["format"])
+    render = _chat_renderer(tokenizer) if cfg.template == "chat" else RENDERERS[cfg.template]
+    msgs = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": SENTINEL}]
+    text = "".join(s for s, _ in render(msgs, cfg))
+    return text[: text.index(SENTINEL)]
 
 
 def _run(p: Params) -> dict[str, Any]:
