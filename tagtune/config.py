@@ -207,15 +207,29 @@ class MlflowConfig(_Section):
 
 
 class ScheduleConfig(_Section):
+    """The `schedule:` section: when `tagtune deploy` retrains (a Prefect deployment, one run at a time)."""
+
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+    # a run due while another is still going: `queue` it (runs next, sees the newest data) or `skip` it
+    overlap: Literal["queue", "skip"] = "queue"
+
+
+class FlowConfig(_Section):
+    """The `flow:` section: how the Prefect flow retries a stage. No stage reads it (DVC ignores it)."""
+
+    retries: Annotated[int, Field(ge=0)] = 2  # transient errors only (MLflow unreachable, I/O); never bad data
+    retry_delay_s: Annotated[float, Field(gt=0)] = 10.0  # exponential backoff: 10 s, 20 s, 40 s, ...
 
 
 class UiConfig(_Section):
-    host: str = "127.0.0.1"
+    """The `ui:` section: the Gradio chat page (`tagtune ui`)."""
+
+    host: str = "127.0.0.1"  # only this machine; 0.0.0.0 exposes the page (and the model) to the network
     port: Annotated[int, Field(gt=0, lt=65536)] = 7860
     feedback_db: str = "feedback.db"  # SQLite table the `sql` ingest source can read
-    max_queue: Annotated[int, Field(gt=0)] = 16
+    max_queue: Annotated[int, Field(gt=0)] = 16  # waiting requests beyond this are refused ("queue full")
+    concurrency: Annotated[int, Field(gt=0)] = 1  # answers generated at once (CPU: 1 is fastest overall)
 
 
 with warnings.catch_warnings():
@@ -235,6 +249,7 @@ with warnings.catch_warnings():
         register: RegisterConfig = RegisterConfig()
         mlflow: MlflowConfig = MlflowConfig()
         schedule: ScheduleConfig = ScheduleConfig()
+        flow: FlowConfig = FlowConfig()
         ui: UiConfig = UiConfig()
 
 
