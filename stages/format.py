@@ -121,13 +121,15 @@ def _example(row: dict[str, Any], kind: str, render, cfg: FormatConfig) -> dict[
     }
 
 
-def _dedupe_key(ex: dict[str, Any]) -> tuple[str, str]:
-    """(exact, normalised) keys of an example's content."""
-    if ex["kind"] == "classification":
-        exact = f"{ex['text']}\0{ex['label']}"
+def _content_keys(row: dict[str, Any]) -> tuple[str, str]:
+    """(exact, normalised) keys of a row's content: each message/text normalised on its own."""
+    if row["kind"] == "chat":
+        fields = [f"{m['role']}:{m['content']}" for m in row["messages"]]
+        norm = [f"{m['role']}:{normalize(m['content'])}" for m in row["messages"]]
     else:
-        exact = "\0".join(f"{int(t)}{s}" for s, t in ex["segments"])
-    return exact, normalize(exact)
+        fields = [row["text"], str(row.get("label", ""))]
+        norm = [normalize(row["text"]), str(row.get("label", ""))]
+    return "\0".join(fields), "\0".join(norm)
 
 
 def format(
@@ -151,6 +153,7 @@ def format(
     rows = read_jsonl(Path(ingested) / "rows.jsonl")
     render = _chat_renderer(tokenizer) if cfg.template == "chat" else RENDERERS[cfg.template]
     examples: list[dict[str, Any]] = []
+    keys: list[tuple[str, str]] = []
     for row in rows:
         if row.get("kind") == "classification":
             examples.append(
@@ -169,6 +172,7 @@ def format(
             examples.append(_example(row, kind, render, cfg))
         else:
             raise DataError(Path(ingested) / "rows.jsonl", None, f"row with unknown kind {row.get('kind')!r}")
+        keys.append(_content_keys(row))
     n_refusal = 0
     if cfg.refusal is not None and cfg.refusal.questions:
         qpath = base_dir / cfg.refusal.questions
@@ -176,13 +180,13 @@ def format(
             msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": cfg.refusal.answer}]
             row = {"source": cfg.refusal.questions, "line": line, "messages": msgs, "kind": "chat"}
             examples.append(_example(row, "refusal", render, cfg))
+            keys.append(_content_keys(row))
             n_refusal += 1
 
     seen_exact: set[str] = set()
     seen_norm: set[str] = set()
     kept, n_exact, n_norm = [], 0, 0
-    for ex in examples:
-        exact, norm = _dedupe_key(ex)
+    for ex, (exact, norm) in zip(examples, keys, strict=True):
         if exact in seen_exact:
             n_exact += 1
             continue
