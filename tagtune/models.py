@@ -121,7 +121,12 @@ def load_tokenizer(model_dir: str):
     """The tokenizer with a pad token set (GPT-style models have none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.base: cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0][:300]}"
+        ) from None
     if tok.pad_token is None:
         # pad == eos is fine because labels are built from lengths, never from `input_ids == pad`.
         tok.pad_token = tok.eos_token
@@ -142,9 +147,14 @@ def load_model(
     common = dict(trust_remote_code=False, use_safetensors=None if allow_pickle else True, **kwargs)
     if dtype is not None:
         common["dtype"] = dtype
-    if task == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, **common)
-    return AutoModelForCausalLM.from_pretrained(model_dir, **common)
+    try:
+        if task == "classification":
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=num_labels, **common
+            )
+        return AutoModelForCausalLM.from_pretrained(model_dir, **common)
+    except (OSError, ValueError) as e:  # missing/corrupt weights, unknown architecture, no network
+        raise ConfigError(f"model.base: cannot load {model_dir}: {str(e).splitlines()[0][:300]}") from None
 
 
 if __name__ == "__main__":

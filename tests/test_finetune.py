@@ -286,3 +286,43 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_llama):
     facts = json.loads((tmp_path / "out" / "training.json").read_text())
     assert facts["world_size"] == 2 and facts["steps"] == 4
     assert facts["mlflow_run_id"]  # exactly one process logged
+
+
+# ---------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        (lambda d: (d / "base").mkdir(), "has no config.json"),
+        (
+            lambda d: (
+                (d / "base").mkdir(),
+                (d / "base" / "config.json").write_text("{}"),
+                (d / "base" / "pytorch_model.bin").write_bytes(b"x"),
+            ),
+            "only has pickle",
+        ),
+        (
+            lambda d: (
+                (d / "base").mkdir(),
+                (d / "base" / "config.json").write_text('{"model_type": "llama"}'),
+                (d / "base" / "model.safetensors").write_bytes(b"broken"),
+            ),
+            "model.base: cannot load",
+        ),
+    ],
+)
+def test_bad_base_model_fails_clearly_without_output(tmp_path, setup, needle):
+    from tagtune.errors import ConfigError
+
+    splits = make_splits(tmp_path / "data")
+    setup(tmp_path)
+    with pytest.raises(ConfigError, match=needle):
+        finetune(
+            splits,
+            tmp_path / "out",
+            FinetuneConfig(**FAST),
+            ModelConfig(base=str(tmp_path / "base")),
+            tmp_path / "ck",
+            None,
+        )
+    assert not (tmp_path / "out").exists()
