@@ -1,0 +1,356 @@
+"""`tagtune`: run the pipeline through Prefect, schedule it, and use what it registered.
+
+    tagtune run [-S finetune.max_steps=50]       # the whole pipeline as a Prefect flow; prints the champion
+    tagtune stage finetune                       # one stage, recorded in dvc.lock like `dvc repro -s`
+    tagtune show                                 # the champion version and one sample answer
+    tagtune deploy [--cron "0 3 * * *"]          # scheduled retraining (serves until Ctrl-C)
+    tagtune chat [-q "When does the museum open?"] [--version 3] [--temperature 0.7 --sample]
+    tagtune pull --dest exported/ [--alias champion]
+    tagtune ui [--port 7860]                     # Gradio chat page with 👍/👎 + corrections
+    tagtune rollback [--to 2]                    # @champion back to the previous champion
+
+Params come from params.yaml (`--params` for another file). Without PREFECT_API_URL, `run` uses
+Prefect's ephemeral API (nothing to start); with it, runs show up on that server. Every error is one
+line on stderr and a non-zero exit (TAGTUNE_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tagtune.config import GenerationConfig, Params, load_params
+from tagtune.errors import TagtuneError
+
+app = typer.Typer(
+    name="tagtune",
+    help="Fine-tune small causal LMs on your own data: DVC + Prefect + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (default: params.yaml)")]
+VersionOpt = Annotated[str | None, typer.Option("--version", help="registered version number")]
+AliasOpt = Annotated[str | None, typer.Option("--alias", help="registry alias (default: champion)")]
+
+
+def _offline_defaults() -> None:
+    """No telemetry from the local Prefect server or Gradio (tagtune runs offline)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "; ".join(lines)
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure: `tagtune <command>: error: <one line>` on stderr, exit 1 (130 on Ctrl-C)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _offline_defaults()
+        name = fn.__name__.rstrip("_")
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            print(f"tagtune {name}: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
+            if os.environ.get("TAGTUNE_DEBUG"):
+                raise
+            kind = "" if isinstance(e, TagtuneError) else f"{type(e).__name__}: "
+            print(f"tagtune {name}: error: {kind}{_one_line(e)}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class _NoExpectedTracebacks(logging.Filter):
+    """Drop Prefect's console traceback of a TagtuneError (the CLI prints it as one line instead),
+    and the ephemeral server's exit message, which would otherwise come after that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TagtuneError):
+            return False
+        return not str(record.msg).startswith("Stopping temporary server")
+
+
+def _prefect_console() -> None:
+    """Prefect's console logging, minus tracebacks of expected errors (bad data, bad params)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoExpectedTracebacks())
+
+
+def _model_uri(p: Params, version: str | None, alias: str | None) -> str:
+    if version and alias:
+        raise TagtuneError("give --version or --alias, not both")
+    name = p.register.model_name
+    return f"models:/{name}/{version}" if version else f"models:/{name}@{alias or 'champion'}"
+
+
+def _chatbot(p: Params, version: str | None, alias: str | None, model_dir: Path | None):
+    from tagtune.serving import Chatbot
+
+    if model_dir is not None:
+        return Chatbot.from_dir(model_dir)
+    return Chatbot.from_uri(_model_uri(p, version, alias), p.mlflow, p.model.cache_dir)
+
+
+# --------------------------------------------------------------------------------------- pipeline
+def _print_summary(summary: dict[str, Any]) -> None:
+    from flows.pipeline import _headline
+
+    for name, s in summary["stages"].items():
+        state = "ran" if s["ran"] else "skipped"
+        detail = _headline(name, s.get("result")) if s["ran"] else s["reason"]
+        print(f"  {name:<9} {state:<8} {detail}")
+    print(summary["message"])
+    if summary["dvc_status"]:
+        print(f"warning: dvc status not clean: {summary['dvc_status']}", file=sys.stderr)
+
+
+def _sample_question(p: Params) -> str | None:
+    """The first test question (an unseen phrasing), else the first train question."""
+    from tagtune.io import read_jsonl
+
+    for split in ("test", "train"):
+        path = Path(p.paths.splits) / f"{split}.jsonl"
+        if path.is_file():
+            for row in read_jsonl(path):
+                if row.get("question"):
+                    return row["question"]
+    return None
+
+
+def _print_champion(p: Params) -> None:
+    """`champion: <name> vN` and one answer from it, straight from the registry."""
+    from tagtune.serving import Chatbot
+
+    uri = f"models:/{p.register.model_name}@champion"
+    from tagtune.tracking import TrackingError
+
+    try:
+        bot = Chatbot.from_uri(uri, p.mlflow, p.model.cache_dir)
+    except TrackingError:
+        raise
+    except TagtuneError as e:  # no @champion (yet): every version so far lost the gate
+        print(f"champion: none yet ({_one_line(e)})")
+        return
+    print(f"champion: {p.register.model_name} v{bot.info['version']} ({uri})")
+    question = _sample_question(p)
+    if question:
+        answer = bot.answer([question], p.evaluate.generation)[0]
+        print(f"sample:   Q: {question}\n          A: {answer.text}")
+
+
+@app.command()
+@_errors
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            metavar="KEY=VALUE",
+            help="override a param (written to params.yaml, like `dvc exp run -S`)",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="run every stage (dvc repro -f)")] = False,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option("--stage", "-s", metavar="NAME", help="run only this stage (repeatable)"),
+    ] = None,
+    sample: Annotated[bool, typer.Option(help="print the champion's answer to a test question")] = True,
+) -> None:
+    """Run the pipeline as a Prefect flow (skips what DVC says is up to date)."""
+    from flows.pipeline import STAGES, pipeline
+
+    load_params(params, set_)  # bad params or overrides: one line, before Prefect starts
+    if bad := [s for s in stage or [] if s not in STAGES]:
+        raise TagtuneError(f"--stage {', '.join(bad)}: no such stage (stages: {', '.join(STAGES)})")
+    _prefect_console()
+    summary = pipeline(
+        params_path=str(params), overrides=set_ or None, repo_dir=os.getcwd(), force=force, only=stage or None
+    )
+    _print_summary(summary)
+    p = load_params(params)
+    if sample and "register" in summary["stages"]:
+        _print_champion(p)
+
+
+@app.command()
+@_errors
+def stage(
+    name: Annotated[str, typer.Argument(help="ingest | format | split | finetune | evaluate | register")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run one stage now (even if up to date) and record it in dvc.lock."""
+    from flows.pipeline import STAGES, pipeline
+
+    load_params(params)
+    if name not in STAGES:
+        raise TagtuneError(f"{name}: no such stage (stages: {', '.join(STAGES)})")
+    _prefect_console()
+    _print_summary(pipeline(params_path=str(params), repo_dir=os.getcwd(), force=True, only=[name]))
+
+
+@app.command()
+@_errors
+def show(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the registry's champion and its answer to one test question."""
+    _print_champion(load_params(params))
+
+
+@app.command()
+@_errors
+def deploy(
+    params: ParamsOpt = Path("params.yaml"),
+    cron: Annotated[str | None, typer.Option(help="override schedule.cron")] = None,
+    name: Annotated[str, typer.Option(help="deployment name")] = "retrain",
+) -> None:
+    """Serve scheduled retraining (schedule.cron, one run at a time) until Ctrl-C."""
+    from flows.retrain import serve_retrain
+
+    serve_retrain(params, load_params(params), name, cron)
+
+
+# ------------------------------------------------------------------------------------ consumption
+@app.command()
+@_errors
+def chat(
+    question: Annotated[
+        list[str] | None,
+        typer.Option("--question", "-q", metavar="TEXT", help="ask this and exit (repeatable)"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="a local model (finetune output or pulled dir) instead")
+    ] = None,
+    sample: Annotated[bool | None, typer.Option("--sample/--greedy", help="sampling or greedy")] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Ask the registered model (default models:/<register.model_name>@champion); answers stream."""
+    p = load_params(params)
+    given = {
+        "do_sample": sample,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "max_new_tokens": max_new_tokens,
+    }
+    try:
+        gen = GenerationConfig.model_validate(
+            {**p.evaluate.generation.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ValueError as e:
+        raise TagtuneError(f"generation flags: {_one_line(e)}") from None
+    bot = _chatbot(p, version, alias, model_dir)
+    from tagtune.ui import model_label
+
+    print(f"tagtune chat: {model_label(bot.info)}", file=sys.stderr)
+    questions = question or None
+    interactive = questions is None and sys.stdin.isatty()
+    if interactive:
+        print("Ask a question (empty line or Ctrl-D to quit).", file=sys.stderr)
+
+    show_question = len(questions or []) > 1 or (questions is None and not interactive)  # piped stdin
+
+    def ask(q: str) -> None:
+        if show_question:
+            print(f"Q: {q}")
+        for piece in bot.stream(q, gen):
+            print(piece, end="", flush=True)
+        print()
+
+    if questions is not None:
+        for q in questions:
+            ask(q)
+        return
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        ask(line.strip())
+
+
+@app.command()
+@_errors
+def pull(
+    dest: Annotated[Path, typer.Option(help="directory to write (replaced atomically)")],
+    params: ParamsOpt = Path("params.yaml"),
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+) -> None:
+    """Write a registered version to a local directory (an MLflow model dir; HF model inside)."""
+    from tagtune.serving import pull as pull_model
+
+    p = load_params(params)
+    uri = _model_uri(p, version, alias)
+    model_dir = pull_model(uri, dest, p.mlflow)
+    print(f"pulled {uri} to {dest} (Hugging Face model: {model_dir})")
+
+
+@app.command()
+@_errors
+def ui(
+    params: ParamsOpt = Path("params.yaml"),
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    model_dir: Annotated[Path | None, typer.Option(help="a local model instead of the registry")] = None,
+    host: Annotated[str | None, typer.Option(help="default: ui.host (127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="default: ui.port")] = None,
+) -> None:
+    """Serve the Gradio chat page with feedback (Ctrl-C to stop)."""
+    from tagtune.ui import serve
+
+    p = load_params(params)
+    serve(p, _chatbot(p, version, alias, model_dir), host, port)
+
+
+@app.command()
+@_errors
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="version to make champion")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Point @champion back at the previous champion (or at --to VERSION)."""
+    from tagtune.registry import rollback as rollback_model
+
+    p = load_params(params)
+    r = rollback_model(p.register.model_name, p.mlflow, to)
+    print(f"{r['model_name']}@champion: v{r['from_version']} -> v{r['to_version']}")
+
+
+if __name__ == "__main__":
+    app(prog_name="tagtune")

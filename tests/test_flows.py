@@ -1,0 +1,310 @@
+"""The Prefect flows: same workspace state as `dvc repro`, 0 training steps when nothing changed,
+retries only for transient errors, and a scheduled deployment on a real `prefect server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from flowrepo import ANSWER, QUESTION, env, make_workspace
+
+from tagtune.errors import ConfigError, DataError
+from tagtune.tracking import TrackingError
+
+
+def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=ws, env=env(ws), capture_output=True, text=True, check=True)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """Flows called in-process report to a temporary Prefect API (its own SQLite DB)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def flow_ws(tmp_path_factory, tiny_llama, prefect_api):
+    """A workspace after one full flow run, and that run's summary."""
+    from flows.pipeline import pipeline
+
+    ws = make_workspace(tmp_path_factory.mktemp("flow") / "ws", tiny_llama)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TAGTUNE_CACHE", str(ws / ".cache"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = pipeline(repo_dir=str(ws))
+    return ws, summary
+
+
+# ------------------------------------------------------------------------------- flow = dvc repro
+@pytest.mark.integration
+def test_flow_run_leaves_the_state_dvc_repro_would(flow_ws):
+    ws, summary = flow_ws
+    stages = ["ingest", "format", "split", "finetune", "evaluate", "register"]
+    assert list(summary["stages"]) == stages
+    assert all(s["ran"] for s in summary["stages"].values())
+    assert summary["training_steps"] == 4 and summary["model_version"] == "1"
+    assert summary["dvc_status"] == {}
+    # DVC agrees: nothing to do, and `dvc repro` runs no stage
+    assert json.loads(_dvc(ws, "status", "--json").stdout) == {}
+    repro = _dvc(ws, "repro").stdout
+    assert "Running stage" not in repro and all(f"'{s}' didn't change" in repro for s in stages)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(stages)
+    assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["max_steps"] == 4
+    # dvc.lock records what the flow produced (hashes of the files on disk)
+    data = json.loads(_dvc(ws, "data", "status", "--granular", "--json").stdout)
+    assert (
+        not data.get("uncommitted")
+        and "models/finetuned/model/model.safetensors" in data["committed"]["added"]
+    )
+
+
+@pytest.mark.integration
+def test_unchanged_data_retrains_zero_steps(flow_ws):
+    from flows.pipeline import pipeline
+
+    ws, _ = flow_ws
+    summary = pipeline(repo_dir=str(ws))
+    ran = [n for n, s in summary["stages"].items() if s["ran"]]
+    assert ran == ["ingest"]  # re-reads the feedback `sql` source; its rows came out identical
+    assert summary["training_steps"] == 0 and not summary["changed"]
+    assert summary["message"] == "nothing changed since the last run: 0 training steps"
+    assert summary["dvc_status"] == {}
+
+
+@pytest.mark.integration
+def test_new_feedback_row_retrains_and_registers(flow_ws):
+    """A correction in the feedback table changes the ingested rows: the pipeline trains again."""
+    from flows.pipeline import pipeline
+    from tagtune.ui import FeedbackStore
+
+    ws, _ = flow_ws
+    # a correction of a trained answer: same question text, so it joins that question in train
+    FeedbackStore(ws / "feedback.db").record(QUESTION, ANSWER, -1, "The museum opens at 10 am.")
+    summary = pipeline(repo_dir=str(ws))
+    assert [n for n, s in summary["stages"].items() if s["ran"]] == list(summary["stages"])
+    assert summary["stages"]["ingest"]["result"]["rows"] == 13  # 12 faq rows + 1 correction
+    assert summary["training_steps"] == 4 and summary["model_version"] == "2"
+    assert summary["dvc_status"] == {}
+
+
+# ----------------------------------------------------------------------------------------- retries
+@pytest.mark.integration
+def test_transient_errors_are_retried_and_data_errors_are_not(flow_ws, monkeypatch):
+    import stages.split
+    from flows.pipeline import pipeline
+
+    ws, _ = flow_ws
+    real, calls = stages.split.split, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TrackingError("mlflow unreachable")  # transient: retried (flow.retries = 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages.split, "split", flaky)
+    summary = pipeline(repo_dir=str(ws), only=["split"], force=True)
+    assert len(calls) == 2 and summary["stages"]["split"]["ran"] and summary["dvc_status"] == {}
+
+    def bad(*args, **kwargs):
+        calls.append(1)
+        raise DataError("data/tagged/tagged.jsonl", 3, "invalid JSON")
+
+    calls.clear()
+    monkeypatch.setattr(stages.split, "split", bad)
+    with pytest.raises(DataError, match="tagged.jsonl:3"):
+        pipeline(repo_dir=str(ws), only=["split"], force=True)
+    assert len(calls) == 1  # validation errors fail at once
+
+
+def test_is_transient_classification():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    from flows.pipeline import is_transient
+
+    assert is_transient(TrackingError("down")) and is_transient(ConnectionRefusedError())
+    assert is_transient(TimeoutError()) and is_transient(OSError(5, "I/O error"))
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    for exc in (
+        DataError("f", 1, "bad"),
+        ConfigError("finetune.lora.r must be > 0"),
+        FileNotFoundError("x"),
+        PermissionError("x"),
+        ValueError("x"),
+        MlflowException("bad", error_code=INVALID_PARAMETER_VALUE),
+    ):
+        assert not is_transient(exc), exc
+
+
+# --------------------------------------------------------------------------------------- overrides
+def test_overrides_are_written_into_params_yaml_with_comments_kept(tmp_path):
+    from flows.pipeline import write_overrides
+
+    src = Path(__file__).resolve().parents[1] / "params.yaml"
+    params = tmp_path / "params.yaml"
+    params.write_text(src.read_text())
+    changed = write_overrides(params, ["finetune.max_steps=50", "split.seed=7", "finetune.lora.r=8"])
+    assert changed == ["finetune.max_steps", "split.seed", "finetune.lora.r"]
+    text = params.read_text()
+    assert "# tagtune pipeline parameters" in text and "# SmolLM2-135M-Instruct" in text
+    p = yaml.safe_load(text)
+    assert p["finetune"]["max_steps"] == 50 and p["split"]["seed"] == 7 and p["finetune"]["lora"]["r"] == 8
+    assert write_overrides(params, ["split.seed=7"]) == []  # already so: file untouched
+
+
+def test_invalid_override_changes_nothing(tmp_path):
+    from flows.pipeline import write_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text("finetune:\n  max_steps: 3  # tiny\n")
+    before = params.read_text()
+    with pytest.raises(ConfigError, match="finetune.lora.r"):
+        write_overrides(params, ["finetune.max_steps=9", "finetune.lora.r=0"])
+    with pytest.raises(ConfigError, match="finetune.max_step"):
+        write_overrides(params, ["finetune.max_step=9"])
+    assert params.read_text() == before
+
+
+def test_bad_schedule_is_a_config_error():
+    from flows.retrain import check_schedule
+    from tagtune.config import ScheduleConfig
+
+    check_schedule(ScheduleConfig())
+    with pytest.raises(ConfigError, match="schedule.cron"):
+        check_schedule(ScheduleConfig(cron="61 * * * *"))
+    with pytest.raises(ConfigError, match="schedule.timezone"):
+        check_schedule(ScheduleConfig(timezone="Mars/Olympus"))
+
+
+# ------------------------------------------------------------------- deployment on a real server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if value := predicate():
+                return value
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the process group we started (server + its children)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.integration
+def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
+    """`tagtune deploy` against `prefect server start`: runs triggered through the API complete,
+    one at a time, and the second (nothing changed) reports 0 training steps."""
+    ws = make_workspace(tmp_path / "ws", tiny_llama)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    e = env(ws, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_UI_ENABLED="false")
+    popen = dict(
+        cwd=ws, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        **popen,
+    )
+    served = None
+    try:
+        http = httpx.Client(base_url=api, timeout=10)
+        _wait(lambda: http.get("/health").status_code == 200, 120, "prefect server", server)
+        served = subprocess.Popen(
+            [sys.executable, "-m", "tagtune.cli", "deploy", "--cron", "0 0 1 1 *"], **popen
+        )
+
+        def deployment():
+            r = http.get("/deployments/name/tagtune-pipeline/retrain")
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait(deployment, 120, "the retrain deployment", served)
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["schedules"][0]["schedule"]["cron"] == "0 0 1 1 *"
+        assert dep["parameters"]["repo_dir"] == str(ws.resolve())
+
+        created = [http.post(f"/deployments/{dep['id']}/create_flow_run", json={}) for _ in range(2)]
+        assert all(r.status_code == 201 for r in created), [r.text for r in created]
+        runs = [r.json()["id"] for r in created]
+
+        def finished(run_id):
+            def check():
+                r = http.get(f"/flow_runs/{run_id}").json()
+                return r if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+            return check
+
+        first, second = (_wait(finished(r), 300, f"flow run {r}", served) for r in runs)
+        assert first["state"]["type"] == "COMPLETED", first["state"]
+        assert second["state"]["type"] == "COMPLETED", second["state"]
+        ordered = sorted((first, second), key=lambda r: r["start_time"])
+        assert ordered[1]["start_time"] >= ordered[0]["end_time"]  # never two runs at once
+
+        def summary(run):
+            arts = http.post(
+                "/artifacts/filter",
+                json={
+                    "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["pipeline-summary"]}}
+                },
+            ).json()
+            return arts[0]["data"]
+
+        assert "4 training steps" in summary(ordered[0])
+        assert "nothing changed since the last run: 0 training steps" in summary(ordered[1])
+        assert json.loads(_dvc(ws, "status", "--json").stdout) == {}
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)
+
+
+def test_feedback_store_semantics(tmp_path):
+    """Latest verdict per question wins; 👎 without a correction trains nothing."""
+    from tagtune.ui import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "fb.db")
+    assert store.examples() == [] and not (tmp_path / "fb.db").exists()  # no file until a verdict
+    store.record(QUESTION, ANSWER, 1)
+    store.record("Where is the harbour?", "west", -1)
+    assert store.examples() == [{"question": QUESTION, "answer": ANSWER}]
+    store.record(" what time does the museum open? ", "9", -1, "It opens at 10 am.")
+    store.record("When is the market?", "Saturday.", 1)
+    store.record("When is the market?", "Saturday.", -1)  # withdraws the 👍
+    assert store.examples() == [
+        {"question": "what time does the museum open?", "answer": "It opens at 10 am."}
+    ]
+    assert [r["rating"] for r in store.rows()] == [1, -1, -1, 1, -1]
+    with pytest.raises(Exception, match="rating"):
+        store.record(QUESTION, ANSWER, 0)
