@@ -126,3 +126,22 @@ def active_run(cfg: MlflowConfig, run_id: str):
     client(cfg)
     with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+def log_table(cfg: MlflowConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> bool:
+    """Log rows as an MLflow table artifact (shown in the run's Evaluation/Artifacts views).
+
+    `mlflow.log_table` *appends* to an existing file, so a retry would duplicate every row: put a
+    content digest in `artifact_file`; a file that already exists is left alone. Returns True if logged.
+    """
+    import posixpath
+
+    import mlflow
+    import pandas as pd
+
+    c = client(cfg)
+    folder = posixpath.dirname(artifact_file) or None
+    if any(f.path == artifact_file for f in c.list_artifacts(run_id, folder)):
+        return False
+    mlflow.log_table(data=pd.DataFrame(rows), artifact_file=artifact_file, run_id=run_id)
+    return True

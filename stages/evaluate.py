@@ -1,0 +1,553 @@
+"""evaluate: the fine-tuned model *and the base model* on the test split, so every report shows the gain.
+
+    python -m stages.evaluate [-S evaluate.max_examples=20]
+
+Writes `paths.evaluation/` (atomically):
+
+- `metrics.json` — DVC metrics, flat keys `<side>.<metric>` with side `tuned`, `base` and
+  `delta` (= tuned − base, raw: for loss/perplexity/rates of failures a negative delta is the gain),
+  plus `n.<kind>` counts. Causal-LM metrics:
+    - `eval_loss`, `perplexity`: mean NLL per *trained* token (the answer and end marker, exactly the
+      labels finetune trains, via `encode_example`) over every test row, and exp of it;
+    - on in-domain rows (kind `qa`/`chat`): `exact_match` (normalised), `answer_f1` (SQuAD-style token
+      F1), `rougeL` (rouge-score F-measure), `false_refusal_rate` (answered with the refusal);
+    - on `refusal` rows (out-of-domain questions): `refusal_rate` (the answer is, or contains, the
+      refusal answer after normalisation);
+    - on every generated answer: `repetition_rate` (mean share of word n-grams, n =
+      `evaluate.repetition_ngram`, that repeat an earlier n-gram of the same answer — 0 for a clean
+      answer, →1 for a loop), `truncation_rate` (hit `max_new_tokens` without end marker/EOS),
+      `answer_words`, `answer_tokens` (mean length).
+  Classification: `accuracy`, `precision`, `recall`, `f1` (macro); `base` is the majority-class
+  baseline of the train split (a base LM has no trained head to compare).
+- `answers.jsonl` — one row per (side, example): question, reference, answer and its scores; also
+  logged to the pipeline's MLflow run as a table (`evaluate/answers-<digest>.json`).
+- `answers.csv` — one row per example, tuned and base side by side (the DVC plot).
+- `report.md` + `figures/` — metrics table, loss curve, metrics comparison chart (and the confusion
+  matrix for classification), sample answers.
+
+Generation is batched (left-padded, KV cache, stop at the end marker) with `evaluate.generation`
+(greedy unless configured); `evaluate.max_examples` takes a deterministic sample that keeps every
+kind of row.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tagtune.cli_util import run_stage
+from tagtune.config import EvaluateConfig, MlflowConfig, Params
+from tagtune.encoding import IGNORE_INDEX, encode_example
+from tagtune.errors import DataError
+from tagtune.generation import Answer
+from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from tagtune.text import normalize, stable_hash
+
+IN_DOMAIN = ("qa", "chat")
+SIDES = ("tuned", "base")
+# metrics where a lower value is better (for the report's "better" column and the chart)
+LOWER_IS_BETTER = {
+    "eval_loss",
+    "perplexity",
+    "false_refusal_rate",
+    "repetition_rate",
+    "truncation_rate",
+}
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+# ------------------------------------------------------------------------------- answer-level scores
+def words(text: str) -> list[str]:
+    """Casefolded word tokens (what F1, exact match and repetition count)."""
+    return _WORD.findall(text.casefold())
+
+
+def exact_match(answer: str, reference: str) -> float:
+    """1.0 if the answers are equal after normalisation (case, spacing, edge punctuation)."""
+    return float(normalize(answer) == normalize(reference))
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style token F1 (bag of words overlap); two empty answers score 1."""
+    a, r = words(answer), words(reference)
+    if not a or not r:
+        return float(a == r)
+    common = sum((Counter(a) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+_ROUGE = None
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure from Google's rouge-score package."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _ROUGE.score(reference, answer)["rougeL"].fmeasure
+
+
+def is_refusal(answer: str, refusal: str | None) -> bool:
+    """The answer is the refusal answer (normalised), or contains it."""
+    if not refusal:
+        return False
+    a, r = normalize(answer), normalize(refusal)
+    return bool(r) and (a == r or r in a)
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of the answer's word n-grams that repeat an earlier one (0 = no repetition)."""
+    w = words(text)
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score_answer(answer: Answer, row: dict[str, Any], refusal: str | None, ngram: int = 3) -> dict[str, Any]:
+    """Per-answer scores for the answers table."""
+    ref = row.get("reference", "")
+    return {
+        "exact_match": exact_match(answer.text, ref),
+        "f1": round(token_f1(answer.text, ref), 6),
+        "rougeL": round(float(rouge_l(answer.text, ref)), 6),
+        "refused": is_refusal(answer.text, refusal),
+        "repetition": round(repetition_rate(answer.text, ngram), 6),
+        "stopped": answer.stopped,
+        "new_tokens": answer.new_tokens,
+        "words": len(words(answer.text)),
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(scored: list[dict[str, Any]], has_refusal: bool) -> dict[str, float]:
+    """A side's causal-LM metrics from its answers-table rows (see the module docstring)."""
+    out: dict[str, float | None] = {}
+    with_loss = [r for r in scored if r.get("tokens")]
+    if with_loss:
+        total = sum(r["nll"] for r in with_loss)
+        n_tok = sum(r["tokens"] for r in with_loss)
+        out["eval_loss"] = total / n_tok
+        out["perplexity"] = math.exp(min(total / n_tok, 50.0))
+    gen = [r for r in scored if r.get("answer") is not None]
+    ind = [r for r in gen if r["kind"] in IN_DOMAIN]
+    ref = [r for r in gen if r["kind"] == "refusal"]
+    out["exact_match"] = _mean([r["exact_match"] for r in ind])
+    out["answer_f1"] = _mean([r["f1"] for r in ind])
+    out["rougeL"] = _mean([r["rougeL"] for r in ind])
+    if has_refusal:
+        out["refusal_rate"] = _mean([float(r["refused"]) for r in ref])
+        out["false_refusal_rate"] = _mean([float(r["refused"]) for r in ind])
+    out["repetition_rate"] = _mean([r["repetition"] for r in gen])
+    out["truncation_rate"] = _mean([float(not r["stopped"]) for r in gen])
+    out["answer_words"] = _mean([float(r["words"]) for r in gen])
+    out["answer_tokens"] = _mean([float(r["new_tokens"]) for r in gen])
+    return {k: round(v, 6) for k, v in out.items() if v is not None}
+
+
+def classification_metrics(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
+    """accuracy and macro precision/recall/F1 (scikit-learn; 0 where a class is never predicted)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
+        "precision": round(float(p), 6),
+        "recall": round(float(r), 6),
+        "f1": round(float(f), 6),
+    }
+
+
+def select_examples(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """A deterministic sample of `n` rows (by id hash) keeping each kind's share (at least one each)."""
+    if not n or n >= len(rows):
+        return rows
+    kinds = Counter(r["kind"] for r in rows)
+    quota = {k: max(1, round(n * c / len(rows))) for k, c in kinds.items()}
+    while sum(quota.values()) > n:
+        quota[max(quota, key=lambda k: quota[k])] -= 1
+    picked: set[int] = set()
+    for i in sorted(range(len(rows)), key=lambda i: rows[i].get("id") or stable_hash(str(rows[i]))):
+        k = rows[i]["kind"]
+        if quota.get(k, 0) > 0:
+            quota[k] -= 1
+            picked.add(i)
+    return [r for i, r in enumerate(rows) if i in picked]
+
+
+# -------------------------------------------------------------------------------------- model passes
+def answer_losses(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, batch_size: int
+) -> list[tuple[float, int] | None]:
+    """(summed NLL, trained tokens) per row, on the tokens finetune trains; None if none is left."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.finetune import PadCollator
+
+    feats = [encode_example(r["segments"], tokenizer, max_length) for r in rows]
+    out: list[tuple[float, int] | None] = [None] * len(rows)
+    order = sorted((i for i, f in enumerate(feats) if f), key=lambda i: len(feats[i]["input_ids"]))
+    collate = PadCollator(tokenizer.pad_token_id)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([{"input_ids": feats[i]["input_ids"], "labels": feats[i]["labels"]} for i in idx])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (labels != IGNORE_INDEX).sum(1)
+        for j, i in enumerate(idx):
+            out[i] = (float(nll[j].sum()), int(counts[j]))
+    return out
+
+
+def _evaluate_causal(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    cfg: EvaluateConfig,
+    side: str,
+) -> list[dict[str, Any]]:
+    """Answers-table rows of one side: loss on the reference answer, then a generated answer."""
+    from tagtune.generation import generate_answers
+
+    losses = answer_losses(model, tokenizer, rows, cfg.max_length, cfg.batch_size)
+    gen_idx = [i for i, r in enumerate(rows) if r["kind"] != "text" and r.get("prompt")]
+    answers = generate_answers(
+        model,
+        tokenizer,
+        [rows[i]["prompt"] for i in gen_idx],
+        cfg.generation,
+        meta.get("end_marker"),
+        cfg.batch_size,
+    )
+    by_row = dict(zip(gen_idx, answers, strict=True))
+    table = []
+    for i, r in enumerate(rows):
+        rec: dict[str, Any] = {
+            "side": side,
+            "id": r.get("id"),
+            "kind": r["kind"],
+            "question": r.get("question", ""),
+            "reference": r.get("reference", ""),
+            "answer": None,
+            "nll": losses[i][0] if losses[i] else None,
+            "tokens": losses[i][1] if losses[i] else 0,
+            "loss": round(losses[i][0] / losses[i][1], 6) if losses[i] else None,
+        }
+        if i in by_row:
+            rec["answer"] = by_row[i].text
+            rec.update(score_answer(by_row[i], r, meta.get("refusal_answer"), cfg.repetition_ngram))
+        table.append(rec)
+    return table
+
+
+def _evaluate_classification(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, side: str
+) -> list[dict[str, Any]]:
+    from tagtune.serving import classify
+
+    preds = classify(model, tokenizer, [r["text"] for r in rows], cfg.batch_size)
+    return [
+        {
+            "side": side,
+            "id": r.get("id"),
+            "kind": "classification",
+            "question": r["text"],
+            "reference": r["label"],
+            "answer": p,
+            "correct": p == r["label"],
+        }
+        for r, p in zip(rows, preds, strict=True)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _wide_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per example with `tuned_*` / `base_*` columns side by side (the DVC plot)."""
+    per: dict[str, dict[str, Any]] = {}
+    keep = ("answer", "f1", "rougeL", "exact_match", "refused", "loss", "correct")
+    for r in table:
+        row = per.setdefault(
+            r["id"],
+            {"id": r["id"], "kind": r["kind"], "question": r["question"], "reference": r["reference"]},
+        )
+        for k in keep:
+            if k in r:
+                row[f"{r['side']}_{k}"] = r[k]
+    return list(per.values())
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _figures(
+    dest: Path, metrics: dict[str, float], finetuned: Path, confusion: tuple[list[str], Any] | None
+) -> list[str]:
+    """PNG charts under `dest`; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dest.mkdir(parents=True, exist_ok=True)
+    made = []
+    loss_csv = finetuned / "loss.csv"
+    steps, losses = [], []
+    if loss_csv.is_file():
+        with open(loss_csv, encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                if r.get("loss"):
+                    steps.append(int(float(r["step"])))
+                    losses.append(float(r["loss"]))
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, losses, marker=".")
+        ax.set(xlabel="step", ylabel="training loss", title="finetune loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(dest / "loss.png", dpi=110)
+        plt.close(fig)
+        made.append("loss.png")
+
+    names = [k.split(".", 1)[1] for k in metrics if k.startswith("tuned.")]
+    rates = [m for m in names if m not in ("eval_loss", "perplexity", "answer_words", "answer_tokens")]
+    if rates:
+        fig, axes = plt.subplots(1, 2 if "perplexity" in names else 1, figsize=(9, 3.8), squeeze=False)
+        ax = axes[0][0]
+        x = range(len(rates))
+        for off, side in ((-0.2, "base"), (0.2, "tuned")):
+            vals = [metrics.get(f"{side}.{m}", 0.0) for m in rates]
+            if any(f"{side}.{m}" in metrics for m in rates):
+                ax.bar([i + off for i in x], vals, width=0.4, label=side)
+        ax.set_xticks(
+            list(x), [m + (" ↓" if m in LOWER_IS_BETTER else "") for m in rates], rotation=30, ha="right"
+        )
+        ax.set_ylim(0, 1)
+        ax.set_title("test metrics (↓ = lower is better)")
+        ax.legend()
+        if "perplexity" in names:
+            ax2 = axes[0][1]
+            sides = [s for s in SIDES if f"{s}.perplexity" in metrics]
+            bars = ax2.bar(
+                sides, [metrics[f"{s}.perplexity"] for s in sides], color=["C1", "C0"][: len(sides)]
+            )
+            ax2.bar_label(bars, fmt="%.3g")
+            ax2.set_yscale("log")
+            ax2.set_title("answer perplexity ↓")
+        fig.tight_layout()
+        fig.savefig(dest / "metrics.png", dpi=110)
+        plt.close(fig)
+        made.append("metrics.png")
+
+    if confusion is not None:
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        labels, matrix = confusion
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=ax, colorbar=False)
+        ax.set_title("tuned model, test split")
+        fig.tight_layout()
+        fig.savefig(dest / "confusion.png", dpi=110)
+        plt.close(fig)
+        made.append("confusion.png")
+    return made
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _report(
+    metrics: dict[str, float], training: dict[str, Any], figures: list[str], table: list[dict]
+) -> str:
+    names = [k.split(".", 1)[1] for k in metrics if k.startswith("tuned.")]
+    lines = [
+        "# Evaluation report\n",
+        f"Base model `{training.get('base_model')}`, {training.get('method')} fine-tuning, "
+        f"{training.get('steps')} steps (fingerprint `{training.get('fingerprint')}`, "
+        f"MLflow run `{training.get('mlflow_run_id') or '—'}`). "
+        + ", ".join(f"{k[2:]}: {int(v)}" for k, v in metrics.items() if k.startswith("n."))
+        + " test rows.\n",
+        "| metric | tuned | base | delta | better |",
+        "|---|---|---|---|---|",
+    ]
+    for m in names:
+        t, b, d = metrics.get(f"tuned.{m}"), metrics.get(f"base.{m}"), metrics.get(f"delta.{m}")
+        better = ""
+        if d is not None and m not in ("answer_words", "answer_tokens"):
+            better = "tuned" if (d < 0 if m in LOWER_IS_BETTER else d > 0) else ("=" if d == 0 else "base")
+        lines.append(f"| {m} | {_fmt(t)} | {_fmt(b)} | {_fmt(d)} | {better} |")
+    lines.append("")
+    for f in figures:
+        lines.append(f"![{f[:-4]}](figures/{f})\n")
+    lines.append("## Sample answers\n")
+    lines.append("| kind | question | reference | tuned | base |")
+    lines.append("|---|---|---|---|---|")
+    wide = _wide_rows(table)
+    shown: Counter[str] = Counter()
+    for r in wide:
+        if shown[r["kind"]] >= 4:
+            continue
+        shown[r["kind"]] += 1
+        cells = [r["kind"], r["question"], r["reference"], r.get("tuned_answer"), r.get("base_answer")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any) -> str:
+    s = "—" if v is None else str(v)
+    s = s.replace("|", "\\|").replace("\n", " ")
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+# ----------------------------------------------------------------------------------------- the stage
+def evaluate(
+    splits: Path, finetuned: Path, out_dir: Path, cfg: EvaluateConfig, mlflow_cfg: MlflowConfig | None = None
+) -> dict[str, float]:
+    """Evaluate finetune's model and its base model on `splits/test.jsonl`.
+
+    Args:
+        splits: the split stage's directory (test.jsonl; train.jsonl for the majority baseline).
+        finetuned: finetune's output dir (model/ or adapter/, training.json, meta.json, loss.csv).
+        out_dir: written atomically: metrics.json, answers.jsonl/.csv, report.md, figures/.
+        cfg: the `evaluate:` section.
+        mlflow_cfg: log metrics, the answers table and the report to finetune's MLflow run;
+            None disables MLflow.
+
+    Returns:
+        The metrics (also metrics.json).
+
+    Raises:
+        DataError: missing/empty test split or finetune output.
+        tracking.TrackingError: MLflow unreachable (the outputs are already written).
+    """
+    from tagtune.models import load_model, load_tokenizer
+    from tagtune.serving import default_device, load_finetuned
+
+    splits, finetuned, out_dir = Path(splits), Path(finetuned), Path(out_dir)
+    training = read_json(finetuned / "training.json")
+    meta = read_json(finetuned / "meta.json")
+    task = training.get("task", meta.get("task", "causal_lm"))
+    rows = select_examples(read_jsonl(splits / "test.jsonl"), cfg.max_examples)
+    if not rows:
+        raise DataError(splits / "test.jsonl", None, "test split is empty (raise split.test_fraction)")
+
+    table: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    confusion = None
+    model, tok = load_finetuned(finetuned, task)
+    if task == "classification":
+        from sklearn.metrics import confusion_matrix
+
+        table += _evaluate_classification(model, tok, rows, cfg, "tuned")
+        y_true = [r["label"] for r in rows]
+        preds = [r["answer"] for r in table]
+        metrics.update({f"tuned.{k}": v for k, v in classification_metrics(y_true, preds).items()})
+        labels = training.get("labels") or sorted(set(y_true))
+        confusion = (labels, confusion_matrix(y_true, preds, labels=labels))
+        if cfg.compare_base:  # majority class of the train split
+            majority = Counter(r["label"] for r in read_jsonl(splits / "train.jsonl")).most_common(1)[0][0]
+            base = [
+                {**r, "side": "base", "answer": majority, "correct": majority == r["reference"]}
+                for r in table
+            ]
+            table += base
+            base_m = classification_metrics(y_true, [majority] * len(rows))
+            metrics.update({f"base.{k}": v for k, v in base_m.items()})
+        metrics["n.classification"] = float(len(rows))
+    else:
+        has_refusal = bool(meta.get("refusal_answer"))
+        tuned = _evaluate_causal(model, tok, rows, meta, cfg, "tuned")
+        metrics.update({f"tuned.{k}": v for k, v in aggregate(tuned, has_refusal).items()})
+        table += tuned
+        if cfg.compare_base:
+            del model
+            base_tok = load_tokenizer(training["base_model_dir"])
+            base_model = load_model(training["base_model_dir"]).to(default_device()).eval()
+            base = _evaluate_causal(base_model, base_tok, rows, meta, cfg, "base")
+            metrics.update({f"base.{k}": v for k, v in aggregate(base, has_refusal).items()})
+            table += base
+        for kind, n in sorted(Counter(r["kind"] for r in rows).items()):
+            metrics[f"n.{kind}"] = float(n)
+    for key in [k for k in metrics if k.startswith("tuned.")]:
+        name = key.split(".", 1)[1]
+        if f"base.{name}" in metrics:
+            metrics[f"delta.{name}"] = round(metrics[key] - metrics[f"base.{name}"], 6)
+    for r in table:
+        r.pop("nll", None)
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_json(tmp / "metrics.json", metrics)
+        write_jsonl(tmp / "answers.jsonl", table)
+        _write_csv(tmp / "answers.csv", _wide_rows(table))
+        figures = _figures(tmp / "figures", metrics, finetuned, confusion)
+        (tmp / "report.md").write_text(_report(metrics, training, figures, table), encoding="utf-8")
+
+    if mlflow_cfg is not None:
+        _log_to_mlflow(mlflow_cfg, training, cfg, metrics, table, out_dir)
+    return metrics
+
+
+def _log_to_mlflow(
+    mlflow_cfg: MlflowConfig,
+    training: dict[str, Any],
+    cfg: EvaluateConfig,
+    metrics: dict[str, float],
+    table: list[dict],
+    out_dir: Path,
+) -> None:
+    """Attach the evaluation to finetune's run: metrics, the answers table, the report files."""
+    import json
+
+    from tagtune import tracking
+
+    run_id = training.get("mlflow_run_id") or tracking.open_run(
+        mlflow_cfg, training["fingerprint"], run_name=f"tagtune-{training['fingerprint'][:8]}"
+    )
+    tracking.log_params(mlflow_cfg, run_id, {"evaluate": cfg.model_dump()})
+    step = int(training.get("steps") or 0)
+    tracking.log_metrics(mlflow_cfg, run_id, [(f"eval/{k}", v, step) for k, v in metrics.items()])
+    digest = stable_hash(json.dumps(table, sort_keys=True, default=str))[:12]
+    tracking.log_table(mlflow_cfg, run_id, table, f"evaluate/answers-{digest}.json")
+    tracking.set_tags(mlflow_cfg, run_id, {"tagtune.answers_table": f"evaluate/answers-{digest}.json"})
+    tracking.log_artifacts(mlflow_cfg, run_id, str(out_dir), "evaluate")
+
+
+def _run(p: Params) -> dict[str, float]:
+    return evaluate(
+        Path(p.paths.splits), Path(p.paths.finetuned), Path(p.paths.evaluation), p.evaluate, p.mlflow
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("evaluate", _run, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

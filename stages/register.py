@@ -1,0 +1,115 @@
+"""register: log the fine-tuned model to MLflow, register it once, and promote it only if it is better.
+
+    python -m stages.register                 # register + gate; writes paths.registered/register.json
+    python -m stages.register --check         # registry lacks register.json's version? delete the file
+                                              # so the next `dvc repro` runs this stage again
+
+The model becomes a version of `register.model_name` (a pyfunc: `mlflow.pyfunc.load_model(
+"models:/<name>@champion")`), tagged with git commit, DVC data/params hashes, base model and metrics.
+It gets `@champion` only if `tuned.<register.metric>` beats the champion and the base model by more
+than `register.min_delta`; otherwise `@challenger`. A retry of the same run reuses its version.
+Rollback: `python -m tagtune.registry rollback [--to VERSION]`. See tagtune/registry.py.
+
+MLflow unreachable: fails within `mlflow.timeout_s` with a clear message; the trained model stays
+in `paths.finetuned`, so re-running this stage is all it takes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tagtune.cli_util import run_stage
+from tagtune.config import GenerationConfig, MlflowConfig, Params, RegisterConfig
+from tagtune.io import atomic_path, read_json, write_json
+
+RESULT_FILE = "register.json"
+
+
+def register(
+    finetuned: Path,
+    evaluation: Path,
+    out_dir: Path,
+    cfg: RegisterConfig,
+    mlflow_cfg: MlflowConfig,
+    gen: GenerationConfig | None = None,
+    repo_root: Path = Path("."),
+) -> dict[str, Any]:
+    """Register finetune's model with evaluate's metrics; writes `out_dir/register.json`.
+
+    Args:
+        finetuned: finetune's output dir.
+        evaluation: evaluate's output dir (metrics.json).
+        out_dir: where register.json goes (name, version, alias, decision + reason, previous champion).
+        cfg: the `register:` section.
+        mlflow_cfg: the `mlflow:` section (MLFLOW_TRACKING_URI overrides its URI).
+        gen: generation defaults stored in the model; default GenerationConfig().
+        repo_root: where git and dvc.lock are read for the version's lineage tags.
+
+    Returns:
+        The register.json content.
+
+    Raises:
+        tracking.TrackingError: MLflow unreachable; registry.RegistryError: bad metric/registry state.
+    """
+    from tagtune.registry import register_model
+
+    metrics = read_json(Path(evaluation) / "metrics.json")
+    result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root))
+    with atomic_path(Path(out_dir) / RESULT_FILE) as tmp:
+        write_json(tmp, result)
+    return result
+
+
+def check_registered(out_dir: Path, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
+    """Delete `out_dir/register.json` if the registry no longer has its version.
+
+    DVC skips a stage whose deps and outs are unchanged, so it cannot notice that the MLflow
+    registry lost a version (a new tracking URI, a wiped database). The flow and `make` call this
+    before `dvc repro`: a missing register.json makes DVC run the stage again (for real — the
+    uncached output keeps DVC's run-cache from restoring it).
+
+    Returns:
+        {"registered": bool, "reason": str}.
+
+    Raises:
+        tracking.TrackingError: MLflow unreachable (nothing is deleted then).
+    """
+    from tagtune.registry import is_registered
+
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        return {"registered": False, "reason": f"{path} does not exist; register will run"}
+    rec = read_json(path)
+    if is_registered(rec["model_name"], rec["version"], rec.get("run_id"), mlflow_cfg):
+        return {"registered": True, "reason": f"{rec['model_name']} v{rec['version']} is in the registry"}
+    path.unlink()
+    return {
+        "registered": False,
+        "reason": f"{rec['model_name']} v{rec['version']} (run {rec.get('run_id')}) is not in the registry; "
+        f"removed {path} so `dvc repro` runs register again",
+    }
+
+
+def _run(p: Params) -> dict[str, Any]:
+    return register(
+        Path(p.paths.finetuned),
+        Path(p.paths.evaluation),
+        Path(p.paths.registered),
+        p.register,
+        p.mlflow,
+        p.evaluate.generation,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--check" in argv:
+        argv.remove("--check")
+        return run_stage("register", lambda p: check_registered(Path(p.paths.registered), p.mlflow), argv)
+    return run_stage("register", _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

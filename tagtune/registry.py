@@ -1,0 +1,373 @@
+"""The MLflow model registry side: versions, the `@champion`/`@challenger` aliases, the gate, rollback.
+
+    python -m tagtune.registry status                      # champion/challenger of register.model_name
+    python -m tagtune.registry rollback [--to VERSION]     # champion := the previous champion (or VERSION)
+
+Rules:
+
+- One registered version per pipeline run (the MLflow run finetune opened): registering the same run
+  again (a retry, a re-run) finds the version by run id instead of creating a second one; a model
+  already logged to that run by an interrupted attempt is reused rather than uploaded again.
+- The gate: a new version becomes `@champion` only if its `tuned.<register.metric>` beats both the
+  current champion's and the base model's (`base.<metric>`) by more than `register.min_delta`
+  (direction from `register.greater_is_better`); otherwise it becomes `@challenger`, and the reason is
+  returned, tagged on the version and written to register.json.
+- Promotion tags the new version with `tagtune.previous_champion`, so `rollback` can undo it; rolling
+  back twice walks further back along that chain.
+- Versions carry lineage tags: git commit (and whether the tree was dirty), the DVC hashes of the
+  tagged dataset and splits and a hash of the params DVC ran with (from dvc.lock), the base model
+  identity, the finetune fingerprint, and every evaluation metric (`metric.<key>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tagtune import tracking
+from tagtune.config import GenerationConfig, MlflowConfig, RegisterConfig
+from tagtune.errors import TagtuneError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_FINGERPRINT = "tagtune.fingerprint"
+TAG_PREVIOUS = "tagtune.previous_champion"
+TAG_DECISION = "tagtune.decision"
+TAG_REASON = "tagtune.reason"
+METRIC_TAG = "metric."  # version tag prefix for evaluation metrics
+
+
+class RegistryError(TagtuneError):
+    """The registry state does not allow the operation (no champion, unknown version, bad metric)."""
+
+
+# ------------------------------------------------------------------------------------------ lineage
+def _git(repo_root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _dvc_lock_tags(repo_root: Path) -> dict[str, str]:
+    """DVC hashes from dvc.lock: the tagged dataset, the splits, and the params DVC ran with."""
+    import yaml
+
+    lock = repo_root / "dvc.lock"
+    if not lock.is_file():
+        return {"dvc.lock": "absent (not run through dvc repro)"}
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    tags: dict[str, str] = {}
+    for stage, key in (("format", "dvc.tagged.md5"), ("split", "dvc.splits.md5")):
+        outs = stages.get(stage, {}).get("outs") or []
+        if outs and outs[0].get("md5"):
+            tags[key] = str(outs[0]["md5"])
+            tags[key.replace(".md5", ".path")] = str(outs[0].get("path"))
+    # DVC records param *values* per stage, not a hash: hash the values the pipeline ran with
+    params = {name: s.get("params", {}) for name, s in stages.items() if s.get("params")}
+    if params:
+        blob = json.dumps(params, sort_keys=True, default=str).encode("utf-8")
+        tags["dvc.params.md5"] = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    return tags
+
+
+def lineage_tags(training: dict[str, Any], repo_root: Path = Path(".")) -> dict[str, str]:
+    """Tags that make a version traceable to code, data, params and base model."""
+    tags = {
+        "git.commit": _git(repo_root, "rev-parse", "HEAD") or "unknown",
+        "git.dirty": str(bool(_git(repo_root, "status", "--porcelain", "--untracked-files=no"))).lower(),
+        "base_model": str(training.get("base_model")),
+        # the resolved dir's name carries the source digest (e.g. SmolLM2-...Q4_1-<sha256[:16]>)
+        "base_model_id": Path(str(training.get("base_model_dir"))).name,
+        TAG_FINGERPRINT: str(training.get("fingerprint")),
+        "tagtune.task": str(training.get("task")),
+        "tagtune.method": str(training.get("method")),
+        "tagtune.steps": str(training.get("steps")),
+    }
+    tags.update(_dvc_lock_tags(repo_root))
+    return tags
+
+
+# --------------------------------------------------------------------------------------------- gate
+def decide(new: float, champion: float | None, base: float | None, cfg: RegisterConfig) -> tuple[bool, str]:
+    """(promote, reason): promote only if `new` beats champion and base by more than min_delta."""
+    sign = 1.0 if cfg.greater_is_better else -1.0
+    word = "higher" if cfg.greater_is_better else "lower"
+    m = f"tuned.{cfg.metric}"
+    for label, ref in (("the base model", base), ("the current champion", champion)):
+        if ref is None:
+            continue
+        gain = (new - ref) * sign
+        if not gain > cfg.min_delta:
+            return False, (
+                f"{m}={new:.4g} does not beat {label} ({ref:.4g}) by more than min_delta="
+                f"{cfg.min_delta:g} ({word} is better)"
+            )
+    parts = [
+        f"{label} {ref:.4g}" for label, ref in (("champion", champion), ("base", base)) if ref is not None
+    ]
+    return True, f"{m}={new:.4g} beats " + (" and ".join(parts) if parts else "nothing (first version)")
+
+
+def _metrics_of(mv) -> dict[str, str]:
+    """The evaluation metrics a version was registered with (its `metric.*` tags)."""
+    return {k[len(METRIC_TAG) :]: v for k, v in mv.tags.items() if k.startswith(METRIC_TAG)}
+
+
+def _alias_version(c, name: str, alias: str):
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: the alias is not set
+        return None
+
+
+def find_version(c, name: str, run_id: str):
+    """The version registered from `run_id` (None if there is none yet)."""
+    found = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _logged_model_uri(c, run_id: str, fingerprint: str) -> str | None:
+    """A model an interrupted attempt already logged to `run_id` (so it is not uploaded twice)."""
+    try:
+        exp = c.get_run(run_id).info.experiment_id
+        found = c.search_logged_models(
+            [exp], filter_string=f"source_run_id = '{run_id}' AND tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+        )
+    except Exception:  # noqa: BLE001 - older servers without logged models: just log again
+        return None
+    ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper() == "READY"]
+    return f"models:/{ready[0].model_id}" if ready else None
+
+
+# ----------------------------------------------------------------------------------------- register
+def register_model(
+    finetuned: Path,
+    metrics: dict[str, float],
+    cfg: RegisterConfig,
+    mlflow_cfg: MlflowConfig,
+    gen: GenerationConfig | None = None,
+    repo_root: Path = Path("."),
+) -> dict[str, Any]:
+    """Register the model of finetune's MLflow run (once) and apply the promotion gate.
+
+    Args:
+        finetuned: finetune's output dir (`model/` or `adapter/`, meta.json, training.json).
+        metrics: evaluate's metrics.json (flat keys: `tuned.<m>`, `base.<m>`, ...).
+        cfg: the `register:` section (model name, gate metric, direction, margin).
+        mlflow_cfg: the `mlflow:` section (MLFLOW_TRACKING_URI overrides its URI).
+        gen: generation defaults stored in the model (default: GenerationConfig()).
+        repo_root: where git and dvc.lock are read for lineage tags.
+
+    Returns:
+        {model_name, version, run_id, created, alias, decision, reason, previous_champion, ...}.
+
+    Raises:
+        RegistryError: `tuned.<register.metric>` is not in metrics, or the champion has no such tag.
+        tracking.TrackingError: MLflow unreachable (within mlflow.timeout_s); nothing is lost.
+    """
+    import tempfile
+
+    import mlflow
+
+    from tagtune.io import read_json
+
+    finetuned = Path(finetuned)
+    training = read_json(finetuned / "training.json")
+    key = f"tuned.{cfg.metric}"
+    if key not in metrics:
+        have = ", ".join(sorted(k[6:] for k in metrics if k.startswith("tuned."))) or "none"
+        raise RegistryError(
+            f"register.metric: {cfg.metric!r} is not in the evaluation metrics (have: {have})"
+        )
+    c = tracking.client(mlflow_cfg)
+    name = cfg.model_name
+    fingerprint = str(training.get("fingerprint"))
+    run_id = training.get("mlflow_run_id") or tracking.open_run(
+        mlflow_cfg, fingerprint, run_name=f"tagtune-{fingerprint[:8]}"
+    )
+    if not c.search_registered_models(filter_string=f"name='{name}'", max_results=1):
+        with contextlib.suppress(Exception):  # created concurrently: fine
+            c.create_registered_model(name, description="tagtune fine-tuned models (see tags per version)")
+
+    tags = {
+        **lineage_tags(training, repo_root),
+        **{f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
+    mv = find_version(c, name, run_id)
+    created = mv is None
+    if mv is None:
+        model_uri = _logged_model_uri(c, run_id, fingerprint)
+        if model_uri is None:
+            from tagtune.serving import export_model_dir, log_pyfunc_model
+
+            with (
+                tempfile.TemporaryDirectory(prefix="tagtune-merge-") as tmp,
+                tracking.active_run(mlflow_cfg, run_id),
+            ):
+                model_dir = export_model_dir(finetuned, Path(tmp) / "model")  # merges an adapter-only run
+                info = log_pyfunc_model(
+                    model_dir,
+                    finetuned / "meta.json",
+                    gen or GenerationConfig(),
+                    tags={TAG_FINGERPRINT: fingerprint},
+                )
+            model_uri = info.model_uri
+        mv = mlflow.register_model(
+            model_uri, name, await_registration_for=int(mlflow_cfg.timeout_s), tags=tags
+        )
+    else:
+        for k, v in tags.items():
+            c.set_model_version_tag(name, mv.version, k, v)
+    version = str(mv.version)
+
+    champion = _alias_version(c, name, CHAMPION)
+    previous = str(champion.version) if champion is not None else None
+    if previous == version:
+        promote, reason = True, f"version {version} is already the champion (re-run of the same run)"
+        previous = c.get_model_version(name, version).tags.get(TAG_PREVIOUS)
+    else:
+        champ_value = None
+        if champion is not None:
+            raw = _metrics_of(champion).get(key)
+            if raw is None:
+                raise RegistryError(
+                    f"champion version {champion.version} of {name} has no {METRIC_TAG}{key} tag; "
+                    f"cannot compare — set the alias by hand or tag it"
+                )
+            champ_value = float(raw)
+        base_value = metrics.get(f"base.{cfg.metric}")
+        promote, reason = decide(float(metrics[key]), champ_value, base_value, cfg)
+        if base_value is None:
+            reason += " (no base-model metric: evaluate.compare_base is off)"
+        if promote:
+            if previous is not None:
+                c.set_model_version_tag(name, version, TAG_PREVIOUS, previous)
+            c.set_registered_model_alias(name, CHAMPION, version)
+            challenger = _alias_version(c, name, CHALLENGER)
+            if challenger is not None and str(challenger.version) == version:
+                c.delete_registered_model_alias(name, CHALLENGER)
+        else:
+            c.set_registered_model_alias(name, CHALLENGER, version)
+    decision = "champion" if promote else "challenger"
+    c.set_model_version_tag(name, version, TAG_DECISION, decision)
+    c.set_model_version_tag(name, version, TAG_REASON, reason)
+    c.update_model_version(name, version, description=f"{decision}: {reason}")
+    tracking.set_tags(mlflow_cfg, run_id, {"tagtune.registered": f"{name}/{version}", TAG_DECISION: decision})
+    return {
+        "model_name": name,
+        "version": version,
+        "run_id": run_id,
+        "created": created,
+        "alias": CHAMPION if promote else CHALLENGER,
+        "decision": decision,
+        "reason": reason,
+        "metric": key,
+        "value": float(metrics[key]),
+        "previous_champion": previous,
+        "model_uri": f"models:/{name}/{version}",
+        "tracking_uri": c.tracking_uri,
+    }
+
+
+def is_registered(model_name: str, version: str, run_id: str | None, mlflow_cfg: MlflowConfig) -> bool:
+    """True if `model_name` version `version` exists (and came from `run_id`, when given)."""
+    c = tracking.client(mlflow_cfg)
+    try:
+        mv = c.get_model_version(model_name, str(version))
+    except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST
+        return False
+    return run_id is None or mv.run_id == run_id
+
+
+# ----------------------------------------------------------------------------------------- rollback
+def rollback(model_name: str, mlflow_cfg: MlflowConfig, to_version: str | int | None = None) -> dict:
+    """Point `@champion` back at the previous champion (or at `to_version`).
+
+    The previous champion is the `tagtune.previous_champion` tag the gate wrote when the current
+    champion was promoted. The demoted version keeps its tags and gets `@challenger`.
+
+    Returns:
+        {model_name, from_version, to_version, alias}.
+
+    Raises:
+        RegistryError: no champion, no recorded previous champion, or an unknown `to_version`.
+    """
+    c = tracking.client(mlflow_cfg)
+    current = _alias_version(c, model_name, CHAMPION)
+    if current is None and to_version is None:
+        raise RegistryError(f"{model_name} has no @{CHAMPION}; pass a version to roll back to")
+    target = str(to_version) if to_version is not None else current.tags.get(TAG_PREVIOUS)
+    if target is None:
+        raise RegistryError(
+            f"{model_name} v{current.version} has no recorded previous champion; "
+            "pass --to VERSION (python -m tagtune.registry rollback --to N)"
+        )
+    try:
+        c.get_model_version(model_name, target)
+    except Exception:  # noqa: BLE001
+        raise RegistryError(f"{model_name} has no version {target}") from None
+    c.set_registered_model_alias(model_name, CHAMPION, target)
+    from_version = str(current.version) if current is not None else None
+    if from_version and from_version != target:
+        c.set_registered_model_alias(model_name, CHALLENGER, from_version)
+        c.set_model_version_tag(model_name, from_version, TAG_DECISION, f"rolled back to {target}")
+    return {"model_name": model_name, "from_version": from_version, "to_version": target, "alias": CHAMPION}
+
+
+def status(model_name: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
+    """{alias: {version, run_id, decision, reason, previous_champion}} for champion and challenger."""
+    c = tracking.client(mlflow_cfg)
+    out: dict[str, Any] = {"model_name": model_name}
+    for alias in (CHAMPION, CHALLENGER):
+        mv = _alias_version(c, model_name, alias)
+        out[alias] = (
+            None
+            if mv is None
+            else {
+                "version": str(mv.version),
+                "run_id": mv.run_id,
+                "decision": mv.tags.get(TAG_DECISION),
+                "reason": mv.tags.get(TAG_REASON),
+                "previous_champion": mv.tags.get(TAG_PREVIOUS),
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tagtune.config import load_params
+
+    ap = argparse.ArgumentParser(prog="python -m tagtune.registry")
+    ap.add_argument("command", choices=["status", "rollback"])
+    ap.add_argument(
+        "--to", default=None, metavar="VERSION", help="rollback: this version (default: previous)"
+    )
+    ap.add_argument("--name", default=None, help="registered model (default: register.model_name)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        name = args.name or params.register.model_name
+        if args.command == "rollback":
+            result = rollback(name, params.mlflow, args.to)
+        else:
+            result = status(name, params.mlflow)
+    except TagtuneError as e:
+        print(f"tagtune registry: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
