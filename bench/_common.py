@@ -1,0 +1,114 @@
+"""Helpers the benchmarks share: the shipped data through the real data stages, machine facts, output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+JSON_PREFIX = '{"bench": '  # how bench.run finds a benchmark's result line in its stdout
+
+
+def quiet() -> None:
+    """Offline, no tokenizer threads fighting torch for the 2 cores, no library chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+
+
+def default_params(overrides: list[str] | None = None):
+    """The repo's params.yaml (the default run), with optional `key=value` overrides."""
+    from tagtune.config import load_params
+
+    return load_params(REPO / "params.yaml", overrides)
+
+
+def shipped_splits(root: Path, params=None) -> Path:
+    """The shipped data through the real ingest → format → split into `root`; returns the splits dir.
+
+    Optional sources (the UI's feedback table) are left out so every run sees the same rows.
+    """
+    from stages.format import format
+    from stages.ingest import ingest
+    from stages.split import split
+
+    p = params or default_params()
+    sources = p.ingest.model_copy(update={"sources": [s for s in p.ingest.sources if not s.optional]})
+    ingest(sources, root / "ingested", base_dir=REPO)
+    format(root / "ingested", root / "tagged", p.format, base_dir=REPO)
+    split(root / "tagged", root / "splits", p.split)
+    return root / "splits"
+
+
+def base_dir(spec: str) -> str:
+    """`model.base` spec (`embedded`, a model dir) → a local model directory."""
+    from tagtune.models import resolve_base
+
+    return resolve_base(spec)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on (README prints it under the table)."""
+    import torch
+    import transformers
+
+    from stages.finetune import cpu_has_bf16
+
+    info: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_has_bf16(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(OSError):  # load >> cores means the figures were taken under contention
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def emit(result: dict[str, Any], summary: str) -> None:
+    """Print the benchmark's one JSON line (what bench.run collects), then a human summary."""
+    line = json.dumps(result, default=str)
+    assert line.startswith(JSON_PREFIX), "result dicts start with the 'bench' key"
+    print(line, flush=True)
+    print(summary, flush=True)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argparse parser whose description is the module docstring's first line."""
+    first = (doc or "").strip().splitlines()[0] if doc else ""
+    return argparse.ArgumentParser(description=first)
+
+
+def log(msg: str) -> None:
+    """Progress to stderr (stdout is the JSON line and the summary)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)

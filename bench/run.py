@@ -1,0 +1,179 @@
+"""Run every benchmark, write bench/results.json and print the README table.
+
+    make bench                                  # = python -m bench.run (~20 min on 2 quiet cores)
+    python -m bench.run --only generation,memory   # re-run some; the others' rows are kept
+
+Each benchmark runs alone in a child process (`python -m bench.<name> ...`, so one's memory and
+threads cannot skew the next), one after the other — never two trainings at once. Their stderr
+(progress, warnings) goes to bench/results/<name>.log. Figures are ratios measured side by side
+within one benchmark; absolute seconds from different runs of this suite are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench._common import JSON_PREFIX, REPO, log, machine_info, parser, quiet
+
+# (name, arguments): sizes chosen to fit ~20 minutes on 2 cores; each figure is a side-by-side ratio
+SUITE: list[tuple[str, list[str]]] = [
+    ("finetune_throughput", ["--steps", "8", "--repeats", "3"]),  # ~7 min: the seed arm is ~10 s/step
+    ("mfu", ["--steps", "8"]),  # ~2 min
+    ("generation", ["--questions", "32", "--repeats", "2"]),  # ~3 min
+    ("memory", ["--steps", "5"]),  # ~1 min
+    ("orchestration", ["--steps", "3", "--examples", "4", "--repeats", "2"]),  # ~4 min
+]
+RESULTS = REPO / "bench" / "results.json"
+LOGS = REPO / "bench" / "results"  # git-ignored
+
+
+def run_one(name: str, args: list[str]) -> dict[str, Any]:
+    """`python -m bench.<name> args` → its JSON result (or {"error": ...}); the summary is echoed."""
+    LOGS.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", f"bench.{name}", *args]
+    log(f"{name}: {' '.join(cmd[1:])} (log: {LOGS / f'{name}.log'})")
+    t = time.perf_counter()
+    with open(LOGS / f"{name}.log", "w") as err:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    elapsed = round(time.perf_counter() - t, 1)
+    lines = proc.stdout.splitlines()
+    found = [i for i, line in enumerate(lines) if line.startswith(JSON_PREFIX)]
+    if proc.returncode != 0 or not found:
+        tail = (LOGS / f"{name}.log").read_text()[-2000:]
+        log(f"{name}: FAILED ({proc.returncode}) after {elapsed} s\n{tail}")
+        return {"bench": name, "error": f"exit {proc.returncode}", "elapsed_s": elapsed}
+    result = json.loads(lines[found[-1]])
+    print("\n".join(lines[found[-1] + 1 :]), flush=True)  # the human summary
+    log(f"{name}: {elapsed} s")
+    return {**result, "elapsed_s": elapsed}
+
+
+def _met(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**missed**")
+
+
+def table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
+    """The Markdown table README shows (one row per target), with the machine underneath."""
+    rows = [
+        "| Measurement | tagtune | baseline | result | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def add(name: str, cells: tuple[str, ...], ok_key: str = "met") -> None:
+        r = results.get(name)
+        if r is None:
+            return
+        if "error" in r:
+            rows.append(f"| {cells[0]} | failed: {r['error']} | | | {cells[4]} | — |")
+            return
+        rows.append("| " + " | ".join(cells) + f" | {_met(r.get(ok_key))} |")
+
+    if r := results.get("finetune_throughput"):
+        add(
+            "finetune_throughput",
+            (
+                f"Fine-tune throughput, real (non-pad) tokens/s ({r.get('steps')} steps, median of {r.get('repeats')})",
+                f"{r.get('tagtune_tokens_per_s', 0):.0f} ({r.get('tagtune_precision')})",
+                f"{r.get('seed_tokens_per_s', 0):.1f} (seed way, padding ×{r.get('seed_padding_factor')})",
+                f"**{r.get('ratio', 0):.1f}×**",
+            )
+            + ("≥ 10×",),
+        )
+    if r := results.get("mfu"):
+        add(
+            "mfu",
+            (
+                f"Full fine-tune MFU ({r.get('precision')}, {r.get('device')})",
+                f"{r.get('achieved_gflops', 0):.0f} GFLOP/s",
+                f"{max(r.get('peak_gflops_before', 0), r.get('peak_gflops_after', 0)):.0f} GFLOP/s matmul peak",
+                f"**{r.get('mfu', 0):.0%}**"
+                + (f" ({r['mfu_vs_spec']:.0%} of {r['gpu']} spec)" if "mfu_vs_spec" in r else ""),
+            )
+            + ("≥ 50%",),
+        )
+    if r := results.get("generation"):
+        add(
+            "generation",
+            (
+                f"Evaluation generation, tokens/s ({r.get('questions')} questions, greedy)",
+                f"{r.get('batched_tokens_per_s', 0):.0f} (batched)",
+                f"{r.get('one_by_one_tokens_per_s', 0):.1f} (one call per question)",
+                f"**{r.get('ratio', 0):.1f}×**",
+            )
+            + ("≥ 5×",),
+        )
+    if r := results.get("orchestration"):
+        add(
+            "orchestration",
+            (
+                "Orchestration overhead (Prefect flow + MLflow vs stage functions)",
+                f"{r.get('flow_s', 0):.0f} s flow",
+                f"{r.get('direct_s', 0):.0f} s direct ({r.get('steps')} steps)",
+                f"**{r.get('overhead_s', 0):.0f} s = ≤ {r.get('overhead_share_default', 0):.1%}** of a default "
+                f"{r.get('default_steps')}-step run",
+            )
+            + ("≤ 5%",),
+            "met_share",
+        )
+        add(
+            "orchestration",
+            (
+                "No-op `dvc repro` (everything up to date)",
+                f"{r.get('noop_repro_s', 0):.2f} s",
+                "",
+                f"**{r.get('noop_repro_s', 0):.2f} s, {r.get('stages_run')} stages run**",
+            )
+            + ("≤ 2 s, 0 stages",),
+            "met_noop",
+        )
+    if r := results.get("memory"):
+        add(
+            "memory",
+            (
+                f"Peak RSS, default finetune ({r.get('method')}, {r.get('precision')}, whole process)",
+                f"{r.get('peak_rss_mb', 0) / 1024:.2f} GiB",
+                "",
+                f"**{r.get('peak_rss_mb', 0) / 1024:.2f} GiB**",
+            )
+            + ("≤ 4 GiB",),
+        )
+    m = machine
+    rows.append("")
+    rows.append(
+        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads"
+        f"{', AVX512-BF16/AMX' if m.get('cpu_bf16') else ''}{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
+        f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
+        f"1-min load average at the start: {m.get('load_avg_1m')}."
+    )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--only", help="comma-separated subset, e.g. generation,memory")
+    args = ap.parse_args(argv)
+    quiet()
+    names = [n for n, _ in SUITE]
+    only = args.only.split(",") if args.only else names
+    if bad := [n for n in only if n not in names]:
+        ap.error(f"unknown benchmark(s) {bad}; known: {', '.join(names)}")
+    machine = machine_info()
+    start = time.perf_counter()
+    results = {name: run_one(name, a) for name, a in SUITE if name in only}
+    total = round(time.perf_counter() - start, 1)
+    doc = {"machine": machine, "total_s": total, "results": results}
+    if args.only and RESULTS.is_file():  # a partial run updates its rows, keeps the others
+        old = json.loads(RESULTS.read_text(encoding="utf-8"))
+        doc["results"] = {**old.get("results", {}), **results}
+        results = doc["results"]
+    RESULTS.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\n{table(results, machine)}\n\n(total {total / 60:.1f} min; written {RESULTS.relative_to(REPO)})")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
