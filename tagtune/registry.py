@@ -13,7 +13,8 @@ Rules:
   (direction from `register.greater_is_better`); otherwise it becomes `@challenger`, and the reason is
   returned, tagged on the version and written to register.json.
 - Promotion tags the new version with `tagtune.previous_champion`, so `rollback` can undo it; rolling
-  back twice walks further back along that chain.
+  back twice walks further back along that chain. The demoted version becomes `@challenger`, marked
+  `rolled back to vN`, and a retry of its run does not re-promote it (only `rollback --to` does).
 - Versions carry lineage tags: git commit (and whether the tree was dirty), the DVC hashes of the
   tagged dataset and splits and a hash of the params DVC ran with (from dvc.lock), the base model
   identity, the finetune fingerprint, and every evaluation metric (`metric.<key>`).
@@ -40,6 +41,7 @@ TAG_FINGERPRINT = "tagtune.fingerprint"
 TAG_PREVIOUS = "tagtune.previous_champion"
 TAG_DECISION = "tagtune.decision"
 TAG_REASON = "tagtune.reason"
+ROLLED_BACK = "rolled back"  # TAG_DECISION prefix of a demoted champion: register will not re-promote it
 METRIC_TAG = "metric."  # version tag prefix for evaluation metrics
 
 
@@ -205,6 +207,7 @@ def register_model(
     }
     mv = find_version(c, name, run_id)
     created = mv is None
+    rolled_back = "" if mv is None else mv.tags.get(TAG_DECISION, "")
     if mv is None:
         model_uri = _logged_model_uri(c, run_id, fingerprint)
         if model_uri is None:
@@ -235,6 +238,9 @@ def register_model(
     if previous == version:
         promote, reason = True, f"version {version} is already the champion (re-run of the same run)"
         previous = c.get_model_version(name, version).tags.get(TAG_PREVIOUS)
+    elif rolled_back.startswith(ROLLED_BACK):  # a retry must not undo a deliberate rollback
+        promote, reason = False, f"version {version} was {rolled_back}; set @{CHAMPION} by hand to restore it"
+        c.set_registered_model_alias(name, CHALLENGER, version)
     else:
         champ_value = None
         if champion is not None:
@@ -259,6 +265,8 @@ def register_model(
         else:
             c.set_registered_model_alias(name, CHALLENGER, version)
     decision = "champion" if promote else "challenger"
+    if not promote and rolled_back.startswith(ROLLED_BACK):
+        decision = rolled_back  # keep the mark, so every retry stays put
     c.set_model_version_tag(name, version, TAG_DECISION, decision)
     c.set_model_version_tag(name, version, TAG_REASON, reason)
     c.update_model_version(name, version, description=f"{decision}: {reason}")
@@ -269,7 +277,7 @@ def register_model(
         "run_id": run_id,
         "created": created,
         "alias": CHAMPION if promote else CHALLENGER,
-        "decision": decision,
+        "decision": "champion" if promote else "challenger",
         "reason": reason,
         "metric": key,
         "value": float(metrics[key]),
@@ -318,9 +326,10 @@ def rollback(model_name: str, mlflow_cfg: MlflowConfig, to_version: str | int | 
         raise RegistryError(f"{model_name} has no version {target}") from None
     c.set_registered_model_alias(model_name, CHAMPION, target)
     from_version = str(current.version) if current is not None else None
+    c.set_model_version_tag(model_name, target, TAG_DECISION, f"champion (rollback from v{from_version})")
     if from_version and from_version != target:
         c.set_registered_model_alias(model_name, CHALLENGER, from_version)
-        c.set_model_version_tag(model_name, from_version, TAG_DECISION, f"rolled back to {target}")
+        c.set_model_version_tag(model_name, from_version, TAG_DECISION, f"{ROLLED_BACK} to v{target}")
     return {"model_name": model_name, "from_version": from_version, "to_version": target, "alias": CHAMPION}
 
 

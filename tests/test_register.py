@@ -253,6 +253,16 @@ def test_rollback_restores_the_previous_champion(models, mlflow_cfg, tmp_path):
     assert c.get_model_version_by_alias("rb", CHALLENGER).version == v2["version"]
     with pytest.raises(RegistryError, match="no recorded previous champion"):
         rollback("rb", mlflow_cfg)
+    # a retry of the rolled-back run does not quietly re-promote it
+    retry = register(
+        finetuned, better, tmp_path / "reg", RegisterConfig(model_name="rb"), mlflow_cfg, GEN, REPO
+    )
+    assert (
+        retry["version"] == v2["version"]
+        and retry["alias"] == CHALLENGER
+        and "rolled back" in retry["reason"]
+    )
+    assert c.get_model_version_by_alias("rb", CHAMPION).version == v1["version"]
 
     # the documented one-liner, through the real CLI (params.yaml + MLFLOW_TRACKING_URI)
     cli = subprocess.run(
