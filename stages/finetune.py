@@ -484,6 +484,8 @@ def finetune(
                 if facts[k] is not None
             ],
         )
+        # evaluate and register attach to this run later by id; it is not left "RUNNING" meanwhile
+        tracking.end_run(mlflow_cfg, run_id)
     return facts
 
 

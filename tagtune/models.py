@@ -149,9 +149,9 @@ def load_model(
         common["dtype"] = dtype
     try:
         if task == "classification":
-            return AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=num_labels, **common
-            )
+            if num_labels is not None:  # a saved classifier already knows its labels
+                common["num_labels"] = num_labels
+            return AutoModelForSequenceClassification.from_pretrained(model_dir, **common)
         return AutoModelForCausalLM.from_pretrained(model_dir, **common)
     except (OSError, ValueError) as e:  # missing/corrupt weights, unknown architecture, no network
         raise ConfigError(f"model.base: cannot load {model_dir}: {str(e).splitlines()[0][:300]}") from None

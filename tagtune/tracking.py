@@ -72,6 +72,10 @@ def open_run(cfg: MlflowConfig, run_key: str, run_name: str, tags: Mapping[str, 
     return run.info.run_id
 
 
+def end_run(cfg: MlflowConfig, run_id: str, status: str = "FINISHED") -> None:
+    client(cfg).set_terminated(run_id, status)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} → {"a.b": "1"}; values cut to MLflow's length limit."""
     out: dict[str, str] = {}
