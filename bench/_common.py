@@ -95,6 +95,13 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send library prints (Trainer's log dicts) to stderr, so stdout is just the result and summary."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def emit(result: dict[str, Any], summary: str) -> None:
     """Print the benchmark's one JSON line (what bench.run collects), then a human summary."""
     line = json.dumps(result, default=str)

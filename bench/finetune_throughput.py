@@ -17,7 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench._common import base_dir, default_params, emit, log, median, parser, quiet, shipped_splits
+from bench._common import (
+    base_dir,
+    default_params,
+    emit,
+    log,
+    median,
+    parser,
+    quiet,
+    shipped_splits,
+    stdout_to_stderr,
+)
 from bench.seed_baseline import SEED_MAX_LENGTH, train_seed_way
 
 TARGET_RATIO = 10.0
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
     quiet()
-    r = run(args.base, args.steps, args.repeats)
+    with stdout_to_stderr():
+        r = run(args.base, args.steps, args.repeats)
     emit(r, summary(r))
     return 0
 

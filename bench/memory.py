@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO, emit, log, parser, quiet, shipped_splits
+from bench._common import REPO, emit, log, parser, quiet, shipped_splits, stdout_to_stderr
 
 TARGET_MB = 4096.0
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
     quiet()
-    r = run(args.base, args.steps)
+    with stdout_to_stderr():
+        r = run(args.base, args.steps)
     emit(r, summary(r))
     return 0
 

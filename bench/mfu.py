@@ -1,6 +1,6 @@
 """Model-FLOPs utilisation of a full fine-tune through the real finetune stage, against measured matmul peak.
 
-    python -m bench.mfu [--steps 8] [--base embedded]
+    python -m bench.mfu [--steps 8] [--base embedded] [--profile]
 
 MFU = model FLOPs per token × tokens/s ÷ peak FLOP/s, where
 
@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import base_dir, default_params, emit, log, median, parser, quiet, shipped_splits
+from bench._common import (
+    base_dir,
+    default_params,
+    emit,
+    log,
+    median,
+    parser,
+    quiet,
+    shipped_splits,
+    stdout_to_stderr,
+)
 
 TARGET_MFU = 0.50
 # dense (no sparsity) tensor-core peaks in FLOP/s, from NVIDIA's datasheets: {name substring: {dtype: peak}}
@@ -110,14 +120,74 @@ def steady_tokens_per_s(loss_csv: Path) -> float | None:
     return median(rates) if rates else None
 
 
+def _op_group(name: str) -> str:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if "adam" in name or "foreach" in name:
+        return "optimizer"
+    if "log_softmax" in name or "nll_loss" in name:
+        return "loss (log-softmax over the vocabulary)"
+    return "elementwise, copies and the rest"
+
+
+def profile_ops(splits: Path, cfg, model_cfg, work: Path, steps: int = 3) -> dict[str, Any]:
+    """torch.profiler over steps 2..`steps` of the real stage: share of CPU time per op group, top ops.
+
+    The profiler is attached through a Trainer callback (finetune builds its callback list in
+    `_callbacks`); this run is separate from the measured one, whose timing it would distort.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    import stages.finetune as ft
+
+    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=steps - 1))
+
+    class _Profile(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            prof.start()
+
+        def on_step_end(self, *a, **kw):
+            prof.step()
+
+        def on_train_end(self, *a, **kw):
+            prof.stop()
+
+    orig = ft._callbacks
+    ft._callbacks = lambda *a: [*orig(*a), _Profile()]
+    try:
+        ft.finetune(
+            splits, work / "out", cfg.model_copy(update={"max_steps": steps}), model_cfg, work / "ckpt", None
+        )
+    finally:
+        ft._callbacks = orig
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    groups: dict[str, float] = {}
+    for e in events:
+        g = _op_group(e.key)
+        groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total / total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "profile_shares": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "profile_top_ops": {e.key: round(e.self_cpu_time_total / total, 3) for e in top},
+    }
+
+
 def run(
     base: str = "embedded",
     steps: int = 8,
     logging_steps: int = 2,
     peak_repeats: int = 3,
     peak_sizes: tuple[int, ...] = (2048, 4096),
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Full fine-tune `steps` steps with the default params (method=full); returns the JSON result."""
+    """Full fine-tune `steps` steps with the default params (method=full); returns the JSON result.
+
+    With `profile`, a second short run under torch.profiler adds where the step time goes.
+    """
     import torch
 
     from stages.finetune import finetune, resolve_precision
@@ -140,6 +210,10 @@ def run(
         tps = steady_tokens_per_s(root / "out" / "loss.csv") or facts["tokens_per_s"]
         log(f"mfu: matmul peak ({precision}) after training")
         after = matmul_peak(precision, peak_sizes, peak_repeats)
+        prof = {}
+        if profile and not torch.cuda.is_available():
+            log("mfu: profiling 3 steps (a separate run)")
+            prof = profile_ops(splits, cfg, model_cfg, root / "profile")
     peak = max(before["flops"], after["flops"])
     achieved = flops["flops_per_token"] * tps
     mfu = achieved / peak
@@ -162,6 +236,7 @@ def run(
         "mfu": round(mfu, 4),
         "target_mfu": TARGET_MFU,
         "met": mfu >= TARGET_MFU,
+        **prof,
     }
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
@@ -183,6 +258,10 @@ def summary(r: dict[str, Any]) -> str:
     )
     if "mfu_vs_spec" in r:
         s += f"; vs {r['gpu']} spec {r['spec_peak_tflops']:.0f} TFLOP/s: {r['mfu_vs_spec']:.1%}"
+    if "profile_shares" in r:
+        s += "\n  step time (torch.profiler): " + ", ".join(
+            f"{k} {v:.0%}" for k, v in r["profile_shares"].items()
+        )
     return s
 
 
@@ -190,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
+    ap.add_argument("--profile", action="store_true", help="also profile 3 steps: where the time goes")
     args = ap.parse_args(argv)
     quiet()
-    r = run(args.base, args.steps)
+    with stdout_to_stderr():
+        r = run(args.base, args.steps, profile=args.profile)
     emit(r, summary(r))
     return 0
 

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO, default_params, emit, log, median, parser, quiet
+from bench._common import REPO, default_params, emit, log, median, parser, quiet, stdout_to_stderr
 
 TARGET_SHARE = 0.05
 TARGET_NOOP_S = 2.0
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.direct:  # the direct arm's child process
         print(_RESULT + json.dumps(direct_pipeline(Path(args.direct))), flush=True)
         return 0
-    r = run(args.base, args.steps, args.examples, args.repeats, args.max_new_tokens)
+    with stdout_to_stderr():
+        r = run(args.base, args.steps, args.examples, args.repeats, args.max_new_tokens)
     emit(r, summary(r))
     return 0
 

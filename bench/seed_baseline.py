@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import base_dir, emit, log, parser, quiet, shipped_splits
+from bench._common import base_dir, emit, log, parser, quiet, shipped_splits, stdout_to_stderr
 
 SEED_MAX_LENGTH = 512  # every example padded to this
 SEED_BATCH_SIZE = 4
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
     quiet()
-    with tempfile.TemporaryDirectory(prefix="tagtune-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tagtune-bench-") as tmp, stdout_to_stderr():
         splits = shipped_splits(Path(tmp))
         log(f"seed baseline: {args.steps} steps on {args.base}")
         r = train_seed_way(splits, base_dir(args.base), Path(tmp) / "seed", args.steps)

@@ -30,9 +30,10 @@ def test_finetune_throughput_runs_both_arms(tiny_llama):
 
 
 def test_mfu_of_a_full_finetune(tiny_llama):
-    r = mfu.run(str(tiny_llama), steps=2, logging_steps=1, peak_repeats=1, peak_sizes=(128,))
+    r = mfu.run(str(tiny_llama), steps=2, logging_steps=1, peak_repeats=1, peak_sizes=(128,), profile=True)
     _well_formed(r, "mfu", ("tokens_per_s", "flops_per_token", "achieved_gflops", "peak_gflops_after", "mfu"))
     assert r["method"] == "full" and r["n_matmul_params"] > 0
+    assert r["profile_shares"]["matmul"] > 0 and 0.99 < sum(r["profile_shares"].values()) < 1.01
 
 
 def test_generation_batched_vs_one_by_one(tiny_llama):
@@ -68,6 +69,13 @@ def test_readme_table_has_a_row_per_target_and_the_machine():
             "met": True,
         },
         "generation": {"bench": "generation", "error": "exit 1"},
+        "mfu": {
+            "bench": "mfu",
+            "met": False,
+            "mfu": 0.3,
+            "profile_shares": {"matmul": 0.6, "attention": 0.4},
+        },
     }
     md = run.table(results, machine_info())
     assert "| Peak RSS" in md and "2.93 GiB" in md and "failed: exit 1" in md and "cores" in md
+    assert "| Full fine-tune MFU" in md and "**missed**" in md and "MFU missed: step time" in md
