@@ -290,7 +290,7 @@ def _training_steps(result: dict[str, Any] | None) -> int:
     return int(result.get("steps", 0)) - int(result.get("resumed_from_step", 0) or 0)
 
 
-def _headline(name: str, result: dict[str, Any] | None) -> str:
+def headline(name: str, result: dict[str, Any] | None) -> str:
     """One line of the stage's result for the summary table."""
     if not result:
         return ""
@@ -412,7 +412,7 @@ def pipeline(
 def _publish_summary(summary: dict[str, Any]) -> None:
     """The run at a glance on the flow run's Artifacts tab."""
     rows = [
-        f"| {name} | {'ran' if s['ran'] else 'skipped'} | {s['reason']} | {_headline(name, s.get('result'))} |"
+        f"| {name} | {'ran' if s['ran'] else 'skipped'} | {s['reason']} | {headline(name, s.get('result'))} |"
         for name, s in summary["stages"].items()
     ]
     md = "\n".join(

@@ -116,13 +116,16 @@ def _chatbot(p: Params, version: str | None, alias: str | None, model_dir: Path 
 
 # --------------------------------------------------------------------------------------- pipeline
 def _print_summary(summary: dict[str, Any]) -> None:
-    from flows.pipeline import _headline
+    from flows.pipeline import headline
 
     for name, s in summary["stages"].items():
         state = "ran" if s["ran"] else "skipped"
-        detail = _headline(name, s.get("result")) if s["ran"] else s["reason"]
+        detail = headline(name, s.get("result")) if s["ran"] else s["reason"]
         print(f"  {name:<9} {state:<8} {detail}")
     print(summary["message"])
+    registered = summary["stages"].get("register", {}).get("result") or {}
+    if registered.get("reason"):
+        print(f"register: v{registered.get('version')} is @{registered.get('alias')}: {registered['reason']}")
     if summary["dvc_status"]:
         print(f"warning: dvc status not clean: {summary['dvc_status']}", file=sys.stderr)
 
@@ -143,10 +146,9 @@ def _sample_question(p: Params) -> str | None:
 def _print_champion(p: Params) -> None:
     """`champion: <name> vN` and one answer from it, straight from the registry."""
     from tagtune.serving import Chatbot
-
-    uri = f"models:/{p.register.model_name}@champion"
     from tagtune.tracking import TrackingError
 
+    uri = f"models:/{p.register.model_name}@champion"
     try:
         bot = Chatbot.from_uri(uri, p.mlflow, p.model.cache_dir)
     except TrackingError:

@@ -3,12 +3,19 @@ a correction lands in the feedback table and in the next ingest. Concurrent user
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
+import httpx
 import pytest
-from flowrepo import ANSWER, QUESTION, memorised_workspace
+import yaml
+from flowrepo import ANSWER, QUESTION, env, memorised_workspace
 
 from stages.ingest import ingest
 from tagtune.config import load_params
@@ -27,26 +34,42 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, tiny_llama):
-    """The page serving the memorised workspace's @champion from the registry; feedback in a tmp DB."""
-    from tagtune.serving import Chatbot
-    from tagtune.ui import serve
-
+    """`tagtune ui` (a real server process) serving the memorised workspace's @champion from the
+    registry, with its feedback table in a tmp DB that params' `sql` ingest source reads."""
     ws = memorised_workspace(tmp_path_factory.getbasetemp(), tiny_llama)
     tmp = tmp_path_factory.mktemp("ui")
-    p = load_params(ws / "params.yaml")
-    ui = p.ui.model_copy(
-        update={"feedback_db": str(tmp / "feedback.db"), "port": _free_port(), "max_queue": 2}
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    port, db = _free_port(), str(tmp / "feedback.db")
+    raw["ui"].update(port=port, feedback_db=db, max_queue=2)
+    for src in raw["ingest"]["sources"]:
+        if src["format"] == "sql":
+            src["path"] = db
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tagtune.cli", "ui", "-p", str(tmp / "params.yaml")],
+        cwd=ws,
+        env=env(ws),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-    p = p.model_copy(update={"ui": ui})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        bot = Chatbot.from_uri(f"models:/{p.register.model_name}@champion", p.mlflow, str(tmp / "cache"))
-        app = serve(p, bot, block=False, base_dir=ws)
-        try:
-            yield {"url": f"http://127.0.0.1:{ui.port}/", "params": p, "ws": ws, "tmp": tmp}
-        finally:
-            app.close()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"tagtune ui exited {proc.returncode}: {proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "tagtune ui did not come up"
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield {"url": url, "params": load_params(tmp / "params.yaml"), "ws": ws}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server process we started
+        proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -107,13 +130,8 @@ def test_question_answer_and_correction_reach_the_next_ingest(page, browser, tmp
     assert row["correction"] == row["answer"] == CORRECTION
     assert (row["model_name"], row["model_version"]) == ("tagtune-town", "1")
 
-    # the next ingest (params.yaml's sources, the feedback source pointed at this page's DB)
-    sources = [
-        s.model_copy(update={"path": p.ui.feedback_db}) if s.format == "sql" else s for s in p.ingest.sources
-    ]
-    stats = ingest(
-        p.ingest.model_copy(update={"sources": sources}), tmp_path / "ingested", base_dir=page["ws"]
-    )
+    # the next ingest: params.yaml's sources, whose `sql` entry reads this page's feedback table
+    stats = ingest(p.ingest, tmp_path / "ingested", base_dir=page["ws"])
     fed = [r for r in read_jsonl(tmp_path / "ingested" / "rows.jsonl") if r["source"] == p.ui.feedback_db]
     assert stats["rows"] == 13 and len(fed) == 1
     assert fed[0]["messages"] == [
