@@ -143,6 +143,19 @@ def _sample_question(p: Params) -> str | None:
     return None
 
 
+def _version_metrics(p: Params, version: str) -> str:
+    """`tuned.answer_f1=0.61 (base 0.12), ...` from the version's `metric.*` tags (register writes them)."""
+    from tagtune import tracking
+
+    tags = tracking.client(p.mlflow).get_model_version(p.register.model_name, version).tags
+    shown = []
+    for name in dict.fromkeys((p.register.metric, "perplexity", "refusal_rate")):
+        tuned, base = tags.get(f"metric.tuned.{name}"), tags.get(f"metric.base.{name}")
+        if tuned is not None:
+            shown.append(f"tuned.{name}={tuned}" + (f" (base {base})" if base is not None else ""))
+    return ", ".join(shown)
+
+
 def _print_champion(p: Params) -> None:
     """`champion: <name> vN` and one answer from it, straight from the registry."""
     from tagtune.serving import Chatbot
@@ -157,6 +170,8 @@ def _print_champion(p: Params) -> None:
         print(f"champion: none yet ({_one_line(e)})")
         return
     print(f"champion: {p.register.model_name} v{bot.info['version']} ({uri})")
+    if metrics := _version_metrics(p, bot.info["version"]):
+        print(f"metrics:  {metrics}")
     question = _sample_question(p)
     if question:
         answer = bot.answer([question], p.evaluate.generation)[0]

@@ -87,6 +87,7 @@ def test_run_prints_the_champion_and_a_sample_answer(ws):
     out = r.stdout
     assert "nothing changed since the last run: 0 training steps" in out
     assert "champion: tagtune-town v1 (models:/tagtune-town@champion)" in out
+    assert "metrics:  tuned.answer_f1=" in out
     assert "sample:   Q: " in out and "A: " in out
     r = tagtune(ws, "show")
     assert r.returncode == 0 and "champion: tagtune-town v1" in r.stdout, r.stderr[-2000:]
