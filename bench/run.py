@@ -1,6 +1,6 @@
 """Run every benchmark, write bench/results.json and print the README table.
 
-    make bench                                  # = python -m bench.run (~20 min on 2 quiet cores)
+    make bench                                  # = python -m bench.run (~17 min on 2 quiet cores)
     python -m bench.run --only generation,memory   # re-run some; the others' rows are kept
 
 Each benchmark runs alone in a child process (`python -m bench.<name> ...`, so one's memory and
