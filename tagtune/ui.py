@@ -15,7 +15,8 @@ an optional corrected answer for the last reply. Every verdict is a row of the S
 - 👍 without a correction trains `question → the model's answer` (reinforces a good answer);
 - 👎 without a correction is recorded but trains nothing (we know it is wrong, not what is right).
 
-Requests wait in a bounded queue (`ui.max_queue`; beyond it users get "queue full", the server stays
+Each question is answered on its own (the model is trained on single question → answer turns; the
+conversation on the page is only a log). Requests wait in a bounded queue (`ui.max_queue`; beyond it users get "queue full", the server stays
 up) and `ui.concurrency` answers are generated at once. Bound to 127.0.0.1 unless `ui.host` says
 otherwise: anyone who can reach the page can use the model and write training data.
 """
