@@ -244,6 +244,7 @@ def write_overrides(params_path: Path, overrides: list[str]) -> list[str]:
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # params.yaml's list style: untouched lines stay the same
     doc = rt.load(params_path.read_text(encoding="utf-8"))
     changed = []
     for o in overrides:
