@@ -5,6 +5,10 @@
     prefect deployment run tagtune-pipeline/retrain      # a run now, from anywhere that sees the API
     python -m flows.retrain                 # what `tagtune deploy` calls
 
+Start a server first to keep runs and see them in its UI (`prefect server start`, then
+PREFECT_API_URL=http://127.0.0.1:4200/api); without PREFECT_API_URL Prefect runs a temporary API that
+lives only as long as the `deploy` process.
+
 Each run is the ordinary pipeline flow (flows/pipeline.py) on this workspace: ingest re-reads every
 source — new rows in the files, the SQL sources, the UI's feedback table — and DVC then decides what
 changed. With nothing new, every later stage is up to date: the run ends in seconds with
