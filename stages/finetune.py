@@ -451,7 +451,18 @@ def finetune(
         callbacks=_callbacks(cfg, log_rows, tracker),
     )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
+    if resume and cfg.max_steps and resumed_step >= cfg.max_steps:
+        # the run already finished: Trainer would take one more step, so load the final state instead
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        # the checkpoint predates Trainer's run summary: average the logged step losses instead
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        train_loss = sum(losses) / len(losses) if losses else float("nan")
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
     wall = time.perf_counter() - start
     val_loss = trainer.evaluate()["eval_loss"] if val_f else None
     if not trainer.is_world_process_zero():
@@ -463,12 +474,12 @@ def finetune(
         "base_model": model_cfg.base,
         "base_model_dir": base_dir,
         "steps": trainer.state.global_step,
-        "resumed_from_step": int(_CKPT.match(resume.name).group(1)) if resume else 0,
+        "resumed_from_step": resumed_step,
         "train_examples": len(train_f),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
-        "train_loss": round(result.training_loss, 5),
+        "train_loss": round(train_loss, 5),
         "val_loss": round(val_loss, 5) if val_loss is not None else None,
         "val_perplexity": round(math.exp(min(val_loss, 50)), 4) if val_loss is not None else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),

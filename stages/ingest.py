@@ -390,6 +390,9 @@ def _table(
     if src.messages_column not in known and "conversations" in known:
         src = src.model_copy(update={"messages_column": "conversations"})  # ShareGPT's name
     if fmt == "auto":
+        if first is None and src.optional:
+            # an optional source may be empty (the feedback view before any correction): no rows
+            return EMPTY, src, iter(())
         if first is None:
             raise DataError(name, None, "no rows (empty source)")
         fmt = _sniff_columns(known, first, src) or ""
@@ -519,13 +522,16 @@ def _expand(src: SourceConfig, base_dir: Path) -> list[tuple[str, Path]]:
     return [(_display(f, base_dir), f) for f in files]
 
 
+EMPTY = "empty"  # the resolved format of an optional source that has no rows
+
+
 def _source_rows(
     name: str, fmt: str, src: SourceConfig, records: Records, cfg: IngestConfig, stats: dict[str, Any]
 ) -> Iterator[dict[str, Any]]:
     """Convert one file's records to rows, raising or skipping (and counting) invalid ones."""
     entry = {"source": name, "format": fmt, "rows": 0, "skipped": 0, "missing": False}
     stats["sources"].append(entry)
-    convert = FORMATS[fmt]
+    convert = FORMATS.get(fmt) if fmt == EMPTY else FORMATS[fmt]
     for line, rec in records:
         try:
             if isinstance(rec, _Invalid):
@@ -542,7 +548,7 @@ def _source_rows(
             continue
         entry["rows"] += 1
         yield {"source": name, "line": line, **row}
-    if not entry["rows"]:
+    if not entry["rows"] and not (src.optional and not entry["skipped"]):
         skipped = f" ({entry['skipped']} invalid records skipped)" if entry["skipped"] else ""
         raise DataError(name, None, f"no rows (empty source){skipped}")
 

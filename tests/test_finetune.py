@@ -252,9 +252,12 @@ def test_changed_data_does_not_resume_stale_checkpoints(tmp_path, tiny_llama):
 
 def test_unchanged_rerun_resumes_at_the_end_and_trains_zero_steps(tmp_path, tiny_llama):
     first = _run(tmp_path, tiny_llama, save_steps=3)
+    model = _weights(tmp_path / "out" / "model")
     again = _run(tmp_path, tiny_llama, save_steps=3)
     assert first["steps"] == again["steps"] == 6
-    assert again["resumed_from_step"] == 6
+    assert again["resumed_from_step"] == 6 and again["train_loss"] > 0
+    after = _weights(tmp_path / "out" / "model")
+    assert all(torch.equal(model[k], after[k]) for k in model)  # no extra step was taken
 
 
 # ---------------------------------------------------------------------------------------------- DDP

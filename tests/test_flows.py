@@ -316,11 +316,6 @@ def test_feedback_store_semantics(tmp_path):
         store.record(QUESTION, ANSWER, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stages/ingest.py: an optional `sql` source whose query returns 0 rows raises DataError "
-    "('no rows (empty source)') instead of being skipped like a missing one; remove this marker when fixed",
-)
 def test_feedback_without_training_rows_does_not_break_ingest(tmp_path):
     """Only a 👎 without a correction so far: the feedback view is empty, the retrain must go on."""
     from stages.ingest import ingest
