@@ -38,7 +38,14 @@ def client(cfg: MlflowConfig):
 
     _bounded_http(cfg)
     uri = tracking_uri(cfg)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then override params.yaml
+    # for every later call in this process (another workspace, another test): keep the user's value.
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_env
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     start = time.monotonic()
     try:

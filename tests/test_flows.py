@@ -261,7 +261,12 @@ def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
         assert dep["schedules"][0]["schedule"]["cron"] == "0 0 1 1 *"
         assert dep["parameters"]["repo_dir"] == str(ws.resolve())
 
-        created = [http.post(f"/deployments/{dep['id']}/create_flow_run", json={}) for _ in range(2)]
+        def create_run():
+            # a busy server (SQLite locked under load) answers 503 "retry": retry like Prefect's client does
+            r = http.post(f"/deployments/{dep['id']}/create_flow_run", json={})
+            return r if r.status_code != 503 else None
+
+        created = [_wait(create_run, 60, "create_flow_run", served) for _ in range(2)]
         assert all(r.status_code == 201 for r in created), [r.text for r in created]
         runs = [r.json()["id"] for r in created]
 
