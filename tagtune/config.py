@@ -220,7 +220,9 @@ class ScheduleConfig(_Section):
 class FlowConfig(_Section):
     """The `flow:` section: how the Prefect flow retries a stage. No stage reads it (DVC ignores it)."""
 
-    retries: Annotated[int, Field(ge=0)] = 2  # transient errors only (MLflow unreachable, I/O); never bad data
+    retries: Annotated[int, Field(ge=0)] = (
+        2  # transient errors only (MLflow unreachable, I/O); never bad data
+    )
     retry_delay_s: Annotated[float, Field(gt=0)] = 10.0  # exponential backoff: 10 s, 20 s, 40 s, ...
 
 
