@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tinydata import OOD, cls_rows, qa_rows
+from tinydata import OOD, cls_rows, qa_rows, run_stage_cli
 
 from stages.format import format, render_prompt
 from stages.split import assign, split
@@ -143,13 +141,7 @@ def test_bad_refusal_file_names_file_and_line_and_writes_nothing(tmp_path, conte
 
 def test_format_cli_missing_input_exits_nonzero_without_output(tmp_path):
     (tmp_path / "params.yaml").write_text("format: {refusal: null}\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "stages.format"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    r = run_stage_cli(tmp_path, "format")
     assert r.returncode == 1 and "data/ingested/rows.jsonl: file not found" in r.stderr
     assert not (tmp_path / "data" / "tagged").exists()
 

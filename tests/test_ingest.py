@@ -7,13 +7,13 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from tinydata import run_stage_cli
 
 from stages.ingest import ingest
 from tagtune.config import IngestConfig, SourceConfig, load_params
@@ -68,9 +68,7 @@ def _run(sources: list[dict[str, Any]], out: Path, base: Path = FIXTURES, on_inv
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "stages.ingest", "--params", "params.yaml", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return run_stage_cli(cwd, "ingest", *args)
 
 
 @pytest.fixture

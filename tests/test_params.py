@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tinydata import run_stage_cli
 
 from tagtune.config import load_params, parse_params
 from tagtune.errors import ConfigError
@@ -90,13 +89,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_a_stage_cli_with_broken_params_exits_nonzero_naming_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text("split: {seed: 1, strategy: random}\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "stages.split"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    r = run_stage_cli(tmp_path, "split")
     assert r.returncode == 1
     assert "split.strategy: Input should be 'phrasing', 'group' or 'example'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from stages.format import format
@@ -81,3 +84,13 @@ def make_splits(
     format(root / "ingested", root / "tagged", fmt, base_dir=root)
     split(root / "tagged", root / "splits", split_cfg or SplitConfig(val_fraction=0.1, test_fraction=0.2))
     return root / "splits"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage_cli(cwd: Path, stage: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<stage> --params params.yaml ARGS` in `cwd`, as DVC runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
