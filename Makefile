@@ -48,4 +48,4 @@ bench: setup
 	$(PY) -m bench.run
 
 clean:
-	rm -rf data/ingested data/tagged data/splits models reports mlflow.db mlartifacts
+	rm -rf data/ingest data/format data/split models reports mlflow.db mlartifacts

@@ -35,20 +35,20 @@ def default_params(overrides: list[str] | None = None):
 
 
 def shipped_splits(root: Path, params=None) -> Path:
-    """The shipped data through the real ingest → format → split into `root`; returns the splits dir.
+    """The shipped data through the real ingest → format → split stages into `root/{ingest,format,split}`.
 
-    Optional sources (the UI's feedback table) are left out so every run sees the same rows.
+    Returns the split stage's directory. Optional sources (the UI's feedback table) are left out so
+    every run sees the same rows.
     """
-    from stages.format import format
-    from stages.ingest import ingest
-    from stages.split import split
+    from stages import STAGES
 
     p = params or default_params()
     sources = p.ingest.model_copy(update={"sources": [s for s in p.ingest.sources if not s.optional]})
-    ingest(sources, root / "ingested", base_dir=REPO)
-    format(root / "ingested", root / "tagged", p.format, base_dir=REPO)
-    split(root / "tagged", root / "splits", p.split)
-    return root / "splits"
+    paths = p.paths.model_copy(update={name: root / name for name in ("ingest", "format", "split")})
+    p = p.model_copy(update={"ingest": sources, "paths": paths})
+    for name in ("ingest", "format", "split"):
+        STAGES[name](p, REPO)  # the shipped sources are relative to the repo; the outputs are absolute
+    return root / "split"
 
 
 def base_dir(spec: str) -> str:

@@ -59,8 +59,9 @@ def run(
 ) -> dict[str, Any]:
     """Alternate batched / one-by-one generation `repeats` times; returns the JSON result."""
     from tagtune.generation import generate_answers
-    from tagtune.io import read_json, read_jsonl
+    from tagtune.io import read_jsonl
     from tagtune.models import load_model, load_tokenizer
+    from tagtune.templates import read_template
 
     params = default_params()
     gen = params.evaluate.generation
@@ -70,7 +71,7 @@ def run(
         splits = shipped_splits(Path(tmp), params)
         rows = [r for r in read_jsonl(splits / "test.jsonl") if r.get("prompt")]
         rows = rows[:: max(1, len(rows) // questions)][:questions]  # spread: in-domain and refusal rows
-        end_marker = read_json(splits / "meta.json").get("end_marker")
+        end_marker = read_template(splits).get("end_marker")
     model_dir = base_dir(base)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     prompts = [r["prompt"] for r in rows]

@@ -45,7 +45,7 @@ def run(base: str = "embedded", steps: int = 5, extra: list[str] | None = None) 
 
     with tempfile.TemporaryDirectory(prefix="tagtune-bench-") as tmp:
         ws = Path(tmp)
-        shipped_splits(ws / "data")  # → data/splits, the default paths.splits
+        shipped_splits(ws / "data")  # → data/split, the default paths.split
         shutil.copy(REPO / "params.yaml", ws / "params.yaml")
         overrides = [f"finetune.max_steps={steps}", f"model.base={base}", *(extra or [])]
         cmd = [sys.executable, "-m", "stages.finetune", *(a for o in overrides for a in ("-S", o))]
@@ -71,7 +71,7 @@ def run(base: str = "embedded", steps: int = 5, extra: list[str] | None = None) 
             raise RuntimeError(
                 f"finetune stage failed ({proc.returncode}):\n{(ws / 'stage.log').read_text()[-3000:]}"
             )
-        facts = read_json(ws / "models" / "finetuned" / "training.json")
+        facts = read_json(ws / "models" / "finetune" / "training.json")  # the default paths.finetune
     peak_mb = usage.ru_maxrss / 1024  # Linux: KiB
     t_peak, _ = max(samples, key=lambda s: s[1]) if samples else (None, None)
     return {

@@ -102,7 +102,7 @@ def model_flops_per_token(model_dir: str, train_lengths: list[int]) -> dict[str,
 
 def train_lengths(splits: Path, model_dir: str, max_length: int) -> list[int]:
     """Token lengths of the train examples exactly as finetune builds them."""
-    from stages.finetune import build_lm_features
+    from tagtune.encoding import build_lm_features
     from tagtune.io import read_jsonl
     from tagtune.models import load_tokenizer
 

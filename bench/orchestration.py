@@ -7,12 +7,12 @@ Each trial gets a fresh git + DVC workspace holding the real dvc.yaml, params.ya
 small so the difference is not lost in this machine's drift), the shipped data and the stage code
 DVC hashes. The arms alternate flow/direct/flow/direct, each a child process timed start to exit:
 
-- flow: `python -m flows.pipeline` — Prefect's ephemeral API (its database warmed up once, before
+- flow: `tagtune run` — Prefect's ephemeral API (its database warmed up once, before
   the trials, as on any machine that ran Prefect before), DVC status before and commit after each
   stage, MLflow logging from finetune and evaluate, the registry check, then register;
-- direct: ingest → format → split → finetune → evaluate → register called in order, with
-  `mlflow_cfg=None` for finetune and evaluate (register's job *is* the MLflow registry, so it talks
-  to the same kind of SQLite store in both arms).
+- direct: ingest → format → split → finetune → evaluate → register called in order through
+  `stages.STAGES`, with `mlflow.log_runs=false` (register's job *is* the MLflow registry, so it
+  talks to the same kind of SQLite store in both arms).
 
 overhead = median(flow) − median(direct), a fixed cost per run (server start, DVC hashing, a few
 MLflow calls; step metrics go out in batches); the Prefect server's start is read off the flow's
@@ -48,7 +48,7 @@ _RESULT = "BENCH_DIRECT_RESULT "
 
 def make_workspace(root: Path, overrides: list[str]) -> Path:
     """A git + DVC repo at `root`: dvc.yaml, params.yaml (+ overrides), data/raw, stages/, tagtune/."""
-    from flows.pipeline import write_overrides
+    from tagtune.config import write_overrides
 
     root.mkdir(parents=True)
     for d in ("stages", "tagtune", "data/raw"):
@@ -89,51 +89,16 @@ def _env(root: Path, prefect_home: Path | None = None) -> dict[str, str]:
 
 
 def direct_pipeline(ws: Path) -> dict[str, Any]:
-    """The six stage functions in order, MLflow off except for register; seconds per stage."""
-    from stages.evaluate import evaluate
-    from stages.finetune import finetune
-    from stages.format import format
-    from stages.ingest import ingest
-    from stages.register import register
-    from stages.split import split
+    """The six stages called in order through `stages.STAGES`, no Prefect, no DVC; seconds per stage."""
+    from stages import STAGES
     from tagtune.config import load_params
 
     os.chdir(ws)
-    p = load_params("params.yaml")
-    paths = {k: Path(v) for k, v in p.paths.model_dump().items()}
-    tokenizer = None
-    if p.format.template == "chat":
-        from tagtune.models import load_tokenizer, resolve_base
-
-        tokenizer = load_tokenizer(resolve_base(p.model.base, p.model.cache_dir, p.model.allow_pickle))
-    calls = [
-        ("ingest", ingest, (p.ingest, paths["ingested"], Path("."))),
-        ("format", format, (paths["ingested"], paths["tagged"], p.format, Path("."), tokenizer)),
-        ("split", split, (paths["tagged"], paths["splits"], p.split)),
-        (
-            "finetune",
-            finetune,
-            (paths["splits"], paths["finetuned"], p.finetune, p.model, paths["checkpoints"], None),
-        ),
-        ("evaluate", evaluate, (paths["splits"], paths["finetuned"], paths["evaluation"], p.evaluate, None)),
-        (
-            "register",
-            register,
-            (
-                paths["finetuned"],
-                paths["evaluation"],
-                paths["registered"],
-                p.register,
-                p.mlflow,
-                p.evaluate.generation,
-                Path("."),
-            ),
-        ),
-    ]
+    p = load_params("params.yaml", ["mlflow.log_runs=false"])  # register still uses the registry
     seconds = {}
-    for name, fn, args in calls:
+    for name, run in STAGES.items():
         t = time.perf_counter()
-        fn(*args)
+        run(p, Path("."))
         seconds[name] = round(time.perf_counter() - t, 2)
     return seconds
 
@@ -183,9 +148,9 @@ def _steady_step_s(ws: Path) -> float:
     from bench.mfu import steady_tokens_per_s
     from tagtune.io import read_json
 
-    facts = read_json(ws / "models" / "finetuned" / "training.json")
+    facts = read_json(ws / "models" / "finetune" / "training.json")
     return (
-        facts["tokens_seen"] / facts["steps"] / steady_tokens_per_s(ws / "models" / "finetuned" / "loss.csv")
+        facts["tokens_seen"] / facts["steps"] / steady_tokens_per_s(ws / "models" / "finetune" / "loss.csv")
     )
 
 
@@ -233,7 +198,8 @@ def run(
         for i in range(repeats):
             ws = make_workspace(root / f"flow-{i}", overrides)
             log(f"orchestration {i + 1}/{repeats}: Prefect flow + MLflow")
-            wall, out = _timed([sys.executable, "-m", "flows.pipeline"], ws, _env(ws, prefect_home))
+            cmd = [sys.executable, "-m", "tagtune.app.cli", "run", "--no-sample"]
+            wall, out = _timed(cmd, ws, _env(ws, prefect_home))
             flow_s.append(wall)
             server_s.append(prefect_server_start_s(out))
             flow_ws = ws

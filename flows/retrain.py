@@ -3,7 +3,6 @@
     tagtune deploy                          # serve until Ctrl-C; runs on schedule.cron (params.yaml)
     tagtune deploy --cron "*/30 * * * *"    # another schedule, same deployment
     prefect deployment run tagtune-pipeline/retrain      # a run now, from anywhere that sees the API
-    python -m flows.retrain                 # what `tagtune deploy` calls
 
 Start a server first to keep runs and see them in its UI (`prefect server start`, then
 PREFECT_API_URL=http://127.0.0.1:4200/api); without PREFECT_API_URL Prefect runs a temporary API that
@@ -28,12 +27,10 @@ database backend and object-store artifacts (`mlflow server --backend-store-uri 
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from tagtune.config import Params, ScheduleConfig, load_params
-from tagtune.errors import ConfigError, TagtuneError
+from tagtune.config import Params, ScheduleConfig
+from tagtune.errors import ConfigError
 
 DEPLOYMENT = "retrain"  # full name: tagtune-pipeline/retrain
 
@@ -86,22 +83,3 @@ def serve_retrain(params_path: Path, params: Params, name: str = DEPLOYMENT, cro
     cfg = params.schedule.model_copy(update={"cron": cron}) if cron else params.schedule
     deployment = build_deployment(params_path, cfg, name)
     serve(deployment, limit=1)  # this process never runs two flow runs at once either
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--name", default=DEPLOYMENT, help="deployment name")
-    ap.add_argument("--cron", default=None, help="override schedule.cron")
-    args = ap.parse_args(argv)
-    try:
-        path = Path(args.params)
-        serve_retrain(path, load_params(path), args.name, args.cron)
-    except TagtuneError as e:
-        print(f"tagtune deploy: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

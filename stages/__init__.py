@@ -1,0 +1,61 @@
+"""The pipeline's stages, and the one table that wires params.yaml to them.
+
+    python -m stages.<name> [--params params.yaml] [-S key=value ...]   # what dvc.yaml runs
+    python -m stages.register --check       # registry lost register.json's version? delete the file
+
+Each stage module holds one pure, typed function (paths and config sections in, a result dict out)
+and `run(params, root)`, the only place where params meet that function. `STAGES` lists those runs in
+pipeline order; DVC (through `python -m stages.<name>`, i.e. `main` below), the Prefect flow
+(flows/pipeline.py), bench/ and the tests all call a stage through it. Stages import the library
+(tagtune/) only, never each other or anything above them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stages import evaluate, finetune, format, ingest, register, split
+from tagtune.config import Params, load_params
+from tagtune.errors import TagtuneError, error_line
+
+StageRun = Callable[[Params, Path], dict[str, Any]]
+
+STAGES: dict[str, StageRun] = {
+    "ingest": ingest.run,
+    "format": format.run,
+    "split": split.run,
+    "finetune": finetune.run,
+    "evaluate": evaluate.run,
+    "register": register.run,
+}
+# What DVC cannot hash, checked before the stage (`--check`): a check that finds the stage's recorded
+# output stale deletes it, so `dvc repro` and the flow run the stage again.
+CHECKS: dict[str, StageRun] = {"register": register.check}
+
+
+def main(name: str, argv: list[str] | None = None) -> int:
+    """`python -m stages.<name>`: read params.yaml (+ `-S` overrides), run the stage, print its result.
+
+    A TagtuneError (bad params, bad data, MLflow unreachable) prints one line and exits 1.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads fighting torch
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    if name in CHECKS:
+        ap.add_argument("--check", action="store_true", help="only the pre-check of what DVC cannot see")
+    args = ap.parse_args(argv)
+    fn = CHECKS[name] if getattr(args, "check", False) else STAGES[name]
+    try:
+        result = fn(load_params(args.params, args.set), Path("."))
+    except TagtuneError as e:
+        print(error_line(name, e), file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -2,7 +2,7 @@
 
     python -m stages.evaluate [-S evaluate.max_examples=20]
 
-Writes `paths.evaluation/` (atomically):
+Writes `paths.evaluate/` (atomically):
 
 - `metrics.json` — DVC metrics, flat keys `<side>.<metric>` with side `tuned`, `base` and
   `delta` (= tuned − base, raw: for loss/perplexity/rates of failures a negative delta is the gain),
@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tagtune.cli_util import run_stage
 from tagtune.config import EvaluateConfig, MlflowConfig, Params
-from tagtune.encoding import IGNORE_INDEX, encode_example
+from tagtune.encoding import IGNORE_INDEX, PadCollator, encode_example
 from tagtune.errors import DataError
 from tagtune.generation import Answer
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from tagtune.templates import read_template
 from tagtune.text import normalize, stable_hash
 
 IN_DOMAIN = ("qa", "chat")
@@ -194,8 +193,6 @@ def answer_losses(
     import torch
     import torch.nn.functional as F
 
-    from stages.finetune import PadCollator
-
     feats = [encode_example(r["segments"], tokenizer, max_length) for r in rows]
     out: list[tuple[float, int] | None] = [None] * len(rows)
     order = sorted((i for i, f in enumerate(feats) if f), key=lambda i: len(feats[i]["input_ids"]))
@@ -220,21 +217,23 @@ def _evaluate_causal(
     model: Any,
     tokenizer: Any,
     rows: list[dict[str, Any]],
-    meta: dict[str, Any],
+    template: dict[str, Any],
     cfg: EvaluateConfig,
     side: str,
+    max_length: int,
 ) -> list[dict[str, Any]]:
-    """Answers-table rows of one side: loss on the reference answer, then a generated answer."""
+    """Answers-table rows of one side: loss on the reference answer (the first `max_length` tokens,
+    as finetune trained), then a generated answer."""
     from tagtune.generation import generate_answers
 
-    losses = answer_losses(model, tokenizer, rows, cfg.max_length, cfg.batch_size)
+    losses = answer_losses(model, tokenizer, rows, max_length, cfg.batch_size)
     gen_idx = [i for i, r in enumerate(rows) if r["kind"] != "text" and r.get("prompt")]
     answers = generate_answers(
         model,
         tokenizer,
         [rows[i]["prompt"] for i in gen_idx],
         cfg.generation,
-        meta.get("end_marker"),
+        template.get("end_marker"),
         cfg.batch_size,
     )
     by_row = dict(zip(gen_idx, answers, strict=True))
@@ -253,7 +252,7 @@ def _evaluate_causal(
         }
         if i in by_row:
             rec["answer"] = by_row[i].text
-            rec.update(score_answer(by_row[i], r, meta.get("refusal_answer"), cfg.repetition_ngram))
+            rec.update(score_answer(by_row[i], r, template.get("refusal_answer"), cfg.repetition_ngram))
         table.append(rec)
     return table
 
@@ -261,7 +260,7 @@ def _evaluate_causal(
 def _evaluate_classification(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, side: str
 ) -> list[dict[str, Any]]:
-    from tagtune.serving import classify
+    from tagtune.generation import classify
 
     preds = classify(model, tokenizer, [r["text"] for r in rows], cfg.batch_size)
     return [
@@ -425,6 +424,50 @@ def _cell(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- the stage
+def _classification_sides(
+    model: Any, tok: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, training: dict, splits: Path
+) -> tuple[list[dict[str, Any]], dict[str, float], tuple[list[str], Any]]:
+    """(answers table, metrics, confusion matrix): the tuned classifier vs the train split's majority class."""
+    from sklearn.metrics import confusion_matrix
+
+    table = _evaluate_classification(model, tok, rows, cfg, "tuned")
+    y_true = [r["label"] for r in rows]
+    preds = [r["answer"] for r in table]
+    metrics = {f"tuned.{k}": v for k, v in classification_metrics(y_true, preds).items()}
+    labels = training.get("labels") or sorted(set(y_true))
+    confusion = (labels, confusion_matrix(y_true, preds, labels=labels))
+    if cfg.compare_base:  # majority class of the train split
+        majority = Counter(r["label"] for r in read_jsonl(splits / "train.jsonl")).most_common(1)[0][0]
+        table += [
+            {**r, "side": "base", "answer": majority, "correct": majority == r["reference"]} for r in table
+        ]
+        base_m = classification_metrics(y_true, [majority] * len(rows))
+        metrics.update({f"base.{k}": v for k, v in base_m.items()})
+    metrics["n.classification"] = float(len(rows))
+    return table, metrics, confusion
+
+
+def _causal_sides(
+    model: Any, tok: Any, rows: list[dict[str, Any]], template: dict, cfg: EvaluateConfig, training: dict
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """(answers table, metrics): the tuned model, then (compare_base) the base model it started from."""
+    from tagtune.models import load_saved
+
+    has_refusal = bool(template.get("refusal_answer"))
+    max_length = training["max_length"]  # the tokens finetune trained: perplexity measures the same
+    table = _evaluate_causal(model, tok, rows, template, cfg, "tuned", max_length)
+    metrics = {f"tuned.{k}": v for k, v in aggregate(table, has_refusal).items()}
+    if cfg.compare_base:
+        del model
+        base_model, base_tok = load_saved(training["base_model_dir"])
+        base = _evaluate_causal(base_model, base_tok, rows, template, cfg, "base", max_length)
+        metrics.update({f"base.{k}": v for k, v in aggregate(base, has_refusal).items()})
+        table += base
+    for kind, n in sorted(Counter(r["kind"] for r in rows).items()):
+        metrics[f"n.{kind}"] = float(n)
+    return table, metrics
+
+
 def evaluate(
     splits: Path, finetuned: Path, out_dir: Path, cfg: EvaluateConfig, mlflow_cfg: MlflowConfig | None = None
 ) -> dict[str, float]:
@@ -432,7 +475,7 @@ def evaluate(
 
     Args:
         splits: the split stage's directory (test.jsonl; train.jsonl for the majority baseline).
-        finetuned: finetune's output dir (model/ or adapter/, training.json, meta.json, loss.csv).
+        finetuned: finetune's output dir (model/ or adapter/, training.json, template.json, loss.csv).
         out_dir: written atomically: metrics.json, answers.jsonl/.csv, report.md, figures/.
         cfg: the `evaluate:` section.
         mlflow_cfg: log metrics, the answers table and the report to finetune's MLflow run;
@@ -445,54 +488,22 @@ def evaluate(
         DataError: missing/empty test split or finetune output.
         tracking.TrackingError: MLflow unreachable (the outputs are already written).
     """
-    from tagtune.models import load_model, load_tokenizer
-    from tagtune.serving import default_device, load_finetuned
+    from tagtune.models import load_finetuned
 
     splits, finetuned, out_dir = Path(splits), Path(finetuned), Path(out_dir)
     training = read_json(finetuned / "training.json")
-    meta = read_json(finetuned / "meta.json")
-    task = training.get("task", meta.get("task", "causal_lm"))
+    template = read_template(finetuned)
+    task = training.get("task", template.get("task", "causal_lm"))
     rows = select_examples(read_jsonl(splits / "test.jsonl"), cfg.max_examples)
     if not rows:
         raise DataError(splits / "test.jsonl", None, "test split is empty (raise split.test_fraction)")
 
-    table: list[dict[str, Any]] = []
-    metrics: dict[str, float] = {}
     confusion = None
     model, tok = load_finetuned(finetuned, task)
     if task == "classification":
-        from sklearn.metrics import confusion_matrix
-
-        table += _evaluate_classification(model, tok, rows, cfg, "tuned")
-        y_true = [r["label"] for r in rows]
-        preds = [r["answer"] for r in table]
-        metrics.update({f"tuned.{k}": v for k, v in classification_metrics(y_true, preds).items()})
-        labels = training.get("labels") or sorted(set(y_true))
-        confusion = (labels, confusion_matrix(y_true, preds, labels=labels))
-        if cfg.compare_base:  # majority class of the train split
-            majority = Counter(r["label"] for r in read_jsonl(splits / "train.jsonl")).most_common(1)[0][0]
-            base = [
-                {**r, "side": "base", "answer": majority, "correct": majority == r["reference"]}
-                for r in table
-            ]
-            table += base
-            base_m = classification_metrics(y_true, [majority] * len(rows))
-            metrics.update({f"base.{k}": v for k, v in base_m.items()})
-        metrics["n.classification"] = float(len(rows))
+        table, metrics, confusion = _classification_sides(model, tok, rows, cfg, training, splits)
     else:
-        has_refusal = bool(meta.get("refusal_answer"))
-        tuned = _evaluate_causal(model, tok, rows, meta, cfg, "tuned")
-        metrics.update({f"tuned.{k}": v for k, v in aggregate(tuned, has_refusal).items()})
-        table += tuned
-        if cfg.compare_base:
-            del model
-            base_tok = load_tokenizer(training["base_model_dir"])
-            base_model = load_model(training["base_model_dir"]).to(default_device()).eval()
-            base = _evaluate_causal(base_model, base_tok, rows, meta, cfg, "base")
-            metrics.update({f"base.{k}": v for k, v in aggregate(base, has_refusal).items()})
-            table += base
-        for kind, n in sorted(Counter(r["kind"] for r in rows).items()):
-            metrics[f"n.{kind}"] = float(n)
+        table, metrics = _causal_sides(model, tok, rows, template, cfg, training)
     for key in [k for k in metrics if k.startswith("tuned.")]:
         name = key.split(".", 1)[1]
         if f"base.{name}" in metrics:
@@ -538,16 +549,14 @@ def _log_to_mlflow(
     tracking.log_artifacts(mlflow_cfg, run_id, str(out_dir), "evaluate")
 
 
-def _run(p: Params) -> dict[str, float]:
+def run(p: Params, root: Path) -> dict[str, float]:
+    paths = p.paths
     return evaluate(
-        Path(p.paths.splits), Path(p.paths.finetuned), Path(p.paths.evaluation), p.evaluate, p.mlflow
+        root / paths.split, root / paths.finetune, root / paths.evaluate, p.evaluate, p.mlflow.for_runs()
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", _run, argv)
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("evaluate"))

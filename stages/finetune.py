@@ -8,8 +8,9 @@ labels come from the tagged segments (prompt masked, answer + EOS trained), batc
 length and padded only to the longest example in the batch. A killed run re-run with the same
 command resumes from the newest *complete* checkpoint and keeps counting steps.
 
-Writes `paths.finetuned/`: `adapter/` (LoRA) and/or `model/` (merged or fully trained, safetensors
-+ tokenizer), `training.json` (steps, tokens, wall time, peak memory, MLflow run id), `loss.csv`.
+Writes `paths.finetune/`: `adapter/` (LoRA) and/or `model/` (merged or fully trained, safetensors
++ tokenizer), `template.json` (how to prompt it), `training.json` (steps, tokens, wall time, peak
+memory, MLflow run id), `loss.csv`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tagtune.cli_util import run_stage
 from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params
-from tagtune.encoding import IGNORE_INDEX, encode_example
+from tagtune.encoding import PadCollator, build_cls_features, build_lm_features
 from tagtune.errors import DataError, TagtuneError
-from tagtune.io import atomic_path, read_json, read_jsonl, write_json
+from tagtune.io import atomic_path, read_jsonl, write_json
+from tagtune.templates import read_template, write_template
 from tagtune.text import stable_hash
 
 COMPLETE_MARKER = "COMPLETE"  # written after Trainer finished saving a checkpoint
@@ -61,64 +63,6 @@ def resolve_precision(precision: str, method: str = "lora") -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_bf16() and method == "lora" else "fp32"
-
-
-# -------------------------------------------------------------------------------------------- data
-def _load_split(splits: Path, name: str) -> list[dict[str, Any]]:
-    return read_jsonl(Path(splits) / f"{name}.jsonl")
-
-
-def build_lm_features(
-    examples: list[dict[str, Any]], tokenizer: Any, max_length: int
-) -> tuple[list[dict], dict]:
-    """Tokenise causal-LM examples; returns (features, counts of truncated/dropped)."""
-    feats, truncated, dropped = [], 0, 0
-    for ex in examples:
-        enc = encode_example(ex["segments"], tokenizer, max_length)
-        if enc is None:
-            dropped += 1
-            continue
-        truncated += enc.pop("truncated")
-        feats.append({**enc, "length": len(enc["input_ids"])})
-    return feats, {"truncated": truncated, "dropped": dropped}
-
-
-def build_cls_features(
-    examples: list[dict[str, Any]], tokenizer: Any, max_length: int, labels: list[str]
-) -> list[dict]:
-    index = {lab: i for i, lab in enumerate(labels)}
-    feats = []
-    for ex in examples:
-        ids = tokenizer(ex["text"], add_special_tokens=True, truncation=True, max_length=max_length)[
-            "input_ids"
-        ]
-        feats.append({"input_ids": ids, "labels": index[ex["label"]], "length": len(ids)})
-    return feats
-
-
-class PadCollator:
-    """Right-pad a batch to its longest example; labels padded with -100 (never trained)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        seq_labels = isinstance(batch[0]["labels"], list)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if seq_labels else None
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            mask[i, :n] = 1
-            if seq_labels:
-                labels[i, :n] = torch.tensor(b["labels"])
-        if not seq_labels:
-            labels = torch.tensor([b["labels"] for b in batch], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -273,73 +217,68 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def finetune(
-    splits: Path,
-    out_dir: Path,
-    cfg: FinetuneConfig,
-    model_cfg: ModelConfig,
-    checkpoints: Path,
-    mlflow_cfg: MlflowConfig | None = None,
-) -> dict[str, Any]:
-    """Fine-tune `model_cfg.base` on `splits/train.jsonl`.
+class _ListDataset:
+    """A list of feature dicts that Trainer can index and group by length."""
 
-    Args:
-        splits: the split stage's directory (train/val jsonl + meta.json).
-        out_dir: written atomically: adapter/ and/or model/, training.json, loss.csv.
-        cfg: the `finetune:` section.
-        model_cfg: the `model:` section (base model spec, pickle policy, cache).
-        checkpoints: resumable Trainer checkpoints (kept across runs with the same fingerprint).
-        mlflow_cfg: where to log params and step metrics; None disables MLflow.
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
 
-    Returns:
-        Training facts (also written to training.json).
-    """
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    from tagtune.models import load_model, load_tokenizer, resolve_base
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
 
-    splits, out_dir, checkpoints = Path(splits), Path(out_dir), Path(checkpoints)
-    meta = read_json(splits / "meta.json")
-    train = _load_split(splits, "train")
-    val = _load_split(splits, "val")
-    if cfg.task != meta["task"]:
-        raise DataError(
-            splits / "meta.json", None, f"data is for task {meta['task']!r} but finetune.task is {cfg.task!r}"
-        )
+
+@dataclass
+class _Data:
+    """The tokenised splits and what tokenising them found."""
+
+    train: list[dict]
+    val: list[dict]
+    labels: list[str]  # classification: label names in class-index order; [] for causal LM
+    truncated: int
+    dropped: int
+
+
+def _features(splits: Path, cfg: FinetuneConfig, tokenizer: Any) -> _Data:
+    """Tokenise train and val for `cfg.task` (labels masked as encoding.py says)."""
+    train = read_jsonl(splits / "train.jsonl")
+    val = read_jsonl(splits / "val.jsonl")
     if not train:
         raise DataError(splits / "train.jsonl", None, "train split is empty")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-    base_dir = resolve_base(model_cfg.base, model_cfg.cache_dir, model_cfg.allow_pickle)
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(base_dir)
-    new_tokens = [t for t in meta.get("special_tokens", []) if t not in tokenizer.get_vocab()]
-    if new_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": new_tokens})
-
-    labels: list[str] = []
     if cfg.task == "classification":
         labels = sorted({ex["label"] for ex in train})
         train_f = build_cls_features(train, tokenizer, cfg.max_length, labels)
         val_f = build_cls_features(
             [e for e in val if e["label"] in labels], tokenizer, cfg.max_length, labels
         )
-        counts = {"truncated": sum(f["length"] >= cfg.max_length for f in train_f), "dropped": 0}
+        data = _Data(train_f, val_f, labels, sum(f["length"] >= cfg.max_length for f in train_f), 0)
     else:
         train_f, counts = build_lm_features(train, tokenizer, cfg.max_length)
         val_f, _ = build_lm_features(val, tokenizer, cfg.max_length)
-    if not train_f:
+        data = _Data(train_f, val_f, [], counts["truncated"], counts["dropped"])
+    if not data.train:
         raise DataError(
             splits / "train.jsonl", None, f"no example has a trained token within max_length={cfg.max_length}"
         )
+    return data
 
-    precision = resolve_precision(cfg.precision, cfg.method)
+
+def _build_model(
+    base_dir: str, cfg: FinetuneConfig, model_cfg: ModelConfig, tokenizer: Any, new_tokens: list[str],
+    labels: list[str], precision: str, weights: Path | None = None,
+) -> Any:  # fmt: skip
+    """The model to train: base (or a finished checkpoint's `weights`), labels, tag tokens, method applied."""
+    import torch
+
+    from tagtune.models import load_model
+
     # LoRA + bf16: hold the frozen base in bf16 (peft keeps the adapters in fp32) instead of autocast
     lora_bf16 = cfg.method == "lora" and precision == "bf16"
+    whole = weights if weights is not None and cfg.method != "lora" else None
     model = load_model(
-        base_dir,
+        str(whole or base_dir),
         cfg.task,
         num_labels=len(labels) or None,
         allow_pickle=model_cfg.allow_pickle,
@@ -350,50 +289,34 @@ def finetune(
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {lab: i for i, lab in enumerate(labels)}
     new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
-    if new_tokens:
+    if new_tokens and whole is None:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     model = prepare_model(model, cfg, new_ids)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if weights is not None and cfg.method == "lora":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-    data_digest = stable_hash(
-        *((splits / f).read_text(encoding="utf-8") for f in ("train.jsonl", "val.jsonl", "meta.json"))
-    )
-    fingerprint = stable_hash(data_digest, cfg.model_dump_json(), model_cfg.base)[:16]
-    run_id = None
-    if mlflow_cfg is not None and int(os.environ.get("RANK", "0")) == 0:  # one process logs under DDP
-        from tagtune import tracking
+        set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
+    return model
 
-        run_id = tracking.open_run(
-            mlflow_cfg,
-            fingerprint,
-            run_name=f"tagtune-{fingerprint[:8]}",
-            tags={"tagtune.base_model": model_cfg.base, "tagtune.data_digest": data_digest[:16]},
-        )
-        tracking.log_params(
-            mlflow_cfg,
-            run_id,
-            {
-                "finetune": cfg.model_dump(),
-                "model.base": model_cfg.base,
-                "data.train_examples": len(train_f),
-                "precision": precision,
-            },
-        )
-    tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
 
-    resume = resume_point(checkpoints, fingerprint)
-    args = TrainingArguments(
+def _training_args(cfg: FinetuneConfig, checkpoints: Path, precision: str):
+    """HF TrainingArguments from the `finetune:` section (CPU/DDP aware)."""
+    import torch
+    from transformers import TrainingArguments
+
+    lora_bf16 = cfg.method == "lora" and precision == "bf16"  # bf16 weights, no autocast (_build_model)
+    return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=cfg.weight_decay,
         max_steps=cfg.max_steps or -1,
         num_train_epochs=cfg.epochs,
@@ -420,97 +343,223 @@ def finetune(
         else None,
         ddp_find_unused_parameters=cfg.method == "freeze",  # frozen blocks get no grads
     )
-    log_rows: list[dict] = []
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=_ListDataset(train_f),
-        eval_dataset=_ListDataset(val_f) if val_f else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=_callbacks(cfg, log_rows, tracker),
+
+
+def _open_run(
+    mlflow_cfg: MlflowConfig | None, fingerprint: str, data_digest: str, params: dict[str, Any]
+) -> str | None:
+    """The pipeline version's MLflow run with the training params logged; None without MLflow.
+
+    Only rank 0 logs under DDP.
+    """
+    if mlflow_cfg is None or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from tagtune import tracking
+
+    run_id = tracking.open_run(
+        mlflow_cfg,
+        fingerprint,
+        run_name=f"tagtune-{fingerprint[:8]}",
+        tags={"tagtune.base_model": params["model.base"], "tagtune.data_digest": data_digest[:16]},
     )
-    start = time.perf_counter()
-    resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
-    if resume and cfg.max_steps and resumed_step >= cfg.max_steps:
-        # the run already finished: Trainer would take one more step, so load the final state instead
-        from transformers import TrainerState
+    tracking.log_params(mlflow_cfg, run_id, params)
+    return run_id
 
-        trainer._load_from_checkpoint(str(resume))
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-        # the checkpoint predates Trainer's run summary: average the logged step losses instead
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        train_loss = sum(losses) / len(losses) if losses else float("nan")
-    else:
-        train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
-    wall = time.perf_counter() - start
-    val_loss = trainer.evaluate()["eval_loss"] if val_f else None
-    if not trainer.is_world_process_zero():
-        return {}
 
-    facts = {
-        "task": cfg.task,
-        "method": cfg.method,
-        "base_model": model_cfg.base,
-        "base_model_dir": base_dir,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed_step,
-        "train_examples": len(train_f),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "wall_time_s": round(wall, 2),
-        "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
-        "train_loss": round(train_loss, 5),
-        "val_loss": round(val_loss, 5) if val_loss is not None else None,
-        "val_perplexity": round(math.exp(min(val_loss, 50)), 4) if val_loss is not None else None,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "precision": precision,
-        "world_size": trainer.args.world_size,
-        "truncated_examples": counts["truncated"],
-        "dropped_examples": counts["dropped"],
-        "labels": labels or None,
-        "fingerprint": fingerprint,
-        "mlflow_run_id": run_id,
-    }
+def _train_or_resume(trainer: Any, resume: Path | None, finished: bool) -> float:
+    """Train (from `resume` if given); returns the mean training loss.
+
+    A `finished` checkpoint already holds the final weights (loaded by `_build_model`): Trainer would
+    take one more step from it, so only its state is restored. Trainer's run summary is not in the
+    checkpoint: the loss is then the mean of the logged step losses.
+    """
+    from transformers import TrainerState
+
+    if not finished:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+    trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _write_outputs(
+    out_dir: Path, trainer: Any, tokenizer: Any, cfg: FinetuneConfig, facts: dict, template: dict, log_rows: list
+) -> None:  # fmt: skip
+    """out_dir (atomically): the model, training.json, template.json, loss.csv."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         _save(trainer.model, tokenizer, cfg, tmp)
         write_json(tmp / "training.json", facts)
-        write_json(tmp / "meta.json", meta)
+        write_template(tmp, template)
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "tokens_per_s"])
             w.writeheader()
             w.writerows(log_rows)
-    if tracker is not None:
-        tracker.flush()
-        from tagtune import tracking
 
-        tracking.log_metrics(
-            mlflow_cfg,
-            run_id,
-            [
-                (f"train/{k}", facts[k], facts["steps"])
-                for k in ("train_loss", "val_loss", "tokens_per_s", "wall_time_s", "peak_rss_mb")
-                if facts[k] is not None
-            ],
+
+def _log_final(mlflow_cfg: MlflowConfig, run_id: str, tracker: _Tracker, facts: dict) -> None:
+    """The run's last step metrics and summary; the run is ended (evaluate and register attach by id)."""
+    from tagtune import tracking
+
+    tracker.flush()
+    keys = ("train_loss", "val_loss", "tokens_per_s", "wall_time_s", "peak_rss_mb")
+    metrics = [(f"train/{k}", facts[k], facts["steps"]) for k in keys if facts[k] is not None]
+    tracking.log_metrics(mlflow_cfg, run_id, metrics)
+    tracking.end_run(mlflow_cfg, run_id)
+
+
+def _facts(
+    trainer: Any, data: _Data, wall: float, train_loss: float, val_loss: float | None
+) -> dict[str, Any]:
+    """What the run did: steps, tokens, time, losses, memory, data counts."""
+    seen = trainer.state.num_input_tokens_seen
+    return {
+        "steps": trainer.state.global_step,
+        "train_examples": len(data.train),
+        "tokens_seen": int(seen),
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(seen / wall, 1) if wall > 0 else None,
+        "train_loss": round(train_loss, 5),
+        "val_loss": round(val_loss, 5) if val_loss is not None else None,
+        "val_perplexity": round(math.exp(min(val_loss, 50)), 4) if val_loss is not None else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "world_size": trainer.args.world_size,
+        "truncated_examples": data.truncated,
+        "dropped_examples": data.dropped,
+        "labels": data.labels or None,
+    }
+
+
+def _fingerprint(splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[str, str]:
+    """(digest of the training data, fingerprint of data + params + base): what checkpoints belong to."""
+    data_digest = stable_hash(
+        *((splits / f).read_text(encoding="utf-8") for f in ("train.jsonl", "val.jsonl", "template.json"))
+    )
+    return data_digest, stable_hash(data_digest, cfg.model_dump_json(), model_cfg.base)[:16]
+
+
+def _trainer(
+    model: Any, tokenizer: Any, data: _Data, args: Any, cfg: FinetuneConfig, log_rows: list, tracker: _Tracker | None
+) -> Any:  # fmt: skip
+    """HF Trainer over the tokenised data, batched by our collator, with our callbacks."""
+    from transformers import Trainer
+
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(data.train),
+        eval_dataset=_ListDataset(data.val) if data.val else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=_callbacks(cfg, log_rows, tracker),
+    )
+
+
+def _tokenizer(base_dir: str, template: dict[str, Any]) -> tuple[Any, list[str]]:
+    """(the base tokenizer with the template's tag tokens added, the tokens that were new to it)."""
+    from tagtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir)
+    new_tokens = [t for t in template.get("special_tokens", []) if t not in tokenizer.get_vocab()]
+    if new_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": new_tokens})
+    return tokenizer, new_tokens
+
+
+def _setup(splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[dict, str, Any, list[str]]:
+    """(template facts, base model dir, tokenizer, new tag tokens), with the task checked and seeds set."""
+    import torch
+    from transformers import set_seed
+
+    from tagtune.models import resolve_base
+
+    template = read_template(splits)
+    if cfg.task != template["task"]:
+        raise DataError(
+            splits / "template.json",
+            None,
+            f"data is for task {template['task']!r} but finetune.task is {cfg.task!r}",
         )
-        # evaluate and register attach to this run later by id; it is not left "RUNNING" meanwhile
-        tracking.end_run(mlflow_cfg, run_id)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base_dir = resolve_base(model_cfg.base, model_cfg.cache_dir, model_cfg.allow_pickle)
+    set_seed(cfg.seed)
+    return template, base_dir, *_tokenizer(base_dir, template)
+
+
+def finetune(
+    splits: Path,
+    out_dir: Path,
+    cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    checkpoints: Path,
+    mlflow_cfg: MlflowConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model_cfg.base` on `splits/train.jsonl`.
+
+    Args:
+        splits: the split stage's directory (train/val jsonl + template.json).
+        out_dir: written atomically: adapter/ and/or model/, training.json, template.json, loss.csv.
+        cfg: the `finetune:` section.
+        model_cfg: the `model:` section (base model spec, pickle policy, cache).
+        checkpoints: resumable Trainer checkpoints (kept across runs with the same fingerprint).
+        mlflow_cfg: where to log params and step metrics; None disables MLflow.
+
+    Returns:
+        Training facts (also written to training.json).
+    """
+    splits, out_dir, checkpoints = Path(splits), Path(out_dir), Path(checkpoints)
+    template, base_dir, tokenizer, new_tokens = _setup(splits, cfg, model_cfg)
+    data = _features(splits, cfg, tokenizer)
+    precision = resolve_precision(cfg.precision, cfg.method)
+
+    data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg)
+    resume = resume_point(checkpoints, fingerprint)
+    resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
+    finished = bool(resume and cfg.max_steps and resumed_step >= cfg.max_steps)
+    model = _build_model(
+        base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, resume if finished else None
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    run_params = {
+        "finetune": cfg.model_dump(),
+        "model.base": model_cfg.base,
+        "data.train_examples": len(data.train),
+        "precision": precision,
+    }
+    run_id = _open_run(mlflow_cfg, fingerprint, data_digest, run_params)
+    tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
+
+    log_rows: list[dict] = []
+    trainer = _trainer(
+        model, tokenizer, data, _training_args(cfg, checkpoints, precision), cfg, log_rows, tracker
+    )
+    start = time.perf_counter()
+    train_loss = _train_or_resume(trainer, resume, finished)
+    wall = time.perf_counter() - start
+    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
+    if not trainer.is_world_process_zero():
+        return {}
+
+    facts = {
+        **_facts(trainer, data, wall, train_loss, val_loss),
+        "task": cfg.task,
+        "method": cfg.method,
+        "base_model": model_cfg.base,
+        "base_model_dir": base_dir,
+        "max_length": cfg.max_length,
+        "resumed_from_step": resumed_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "fingerprint": fingerprint,
+        "mlflow_run_id": run_id,
+    }
+    _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows)
+    if tracker is not None:
+        _log_final(mlflow_cfg, run_id, tracker, facts)
     return facts
-
-
-class _ListDataset:
-    """A list of feature dicts that Trainer can index and group by length."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
 
 
 def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, dest: Path) -> None:
@@ -525,21 +574,19 @@ def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, dest: Path) -> None:
     tokenizer.save_pretrained(dest / "model")
 
 
-def _run(p: Params) -> dict[str, Any]:
+def run(p: Params, root: Path) -> dict[str, Any]:
+    paths = p.paths
     return finetune(
-        Path(p.paths.splits),
-        Path(p.paths.finetuned),
+        root / paths.split,
+        root / paths.finetune,
         p.finetune,
         p.model,
-        Path(p.paths.checkpoints),
-        p.mlflow,
+        root / paths.checkpoints,
+        p.mlflow.for_runs(),
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_stage("finetune", _run, argv)
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("finetune"))

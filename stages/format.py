@@ -1,13 +1,10 @@
-"""format: normalised rows → the tagged training text (the "raw → tagged" dataset DVC tracks).
+"""format: normalised rows → training examples rendered with a template (the dataset DVC tracks).
 
     python -m stages.format [-S format.template=chat]
 
-Each output row keeps the prompt/answer boundary as `segments`: a list of `[text, trained]` pairs,
-so finetune puts loss on the answers only (the model stops echoing questions). Templates:
-
-- `tagged` (default, the seeds' format): `{question} <QUESTION>\\n{answer} <END>`
-- `chat`: the base model's own chat template (SmolLM2 has one); system prompt configurable
-- `text`: raw text, loss on everything
+Each example keeps the prompt/answer boundary as `segments`: a list of `[text, trained]` pairs, so
+finetune puts loss on the answers only (the model stops echoing questions). The templates (`tagged`,
+`chat`, `text`) live in tagtune/templates.py; their facts are written as `template.json`.
 
 Out-of-domain questions from `format.refusal.questions` become rows answered with the refusal.
 Exact and normalised duplicates are removed (counted in stats.json). `preview.md` shows the first
@@ -16,17 +13,15 @@ rendered examples with the trained part marked — the first thing to read when 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tagtune.cli_util import run_stage
 from tagtune.config import FormatConfig, Params
 from tagtune.errors import DataError
 from tagtune.io import atomic_path, read_jsonl, write_json, write_jsonl
+from tagtune.templates import Renderer, renderer, template_facts, write_template
 from tagtune.text import normalize, stable_hash
 
-Segments = list[list[Any]]  # [[text, trained: bool], ...]
 TRAIN_MARK = ("⟦", "⟧")  # how preview.md marks the trained spans
 
 
@@ -49,55 +44,7 @@ def _read_refusal_questions(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _render_tagged(messages: list[dict[str, str]], cfg: FormatConfig) -> Segments:
-    segs: Segments = []
-    for m in messages:
-        if m["role"] == "system":
-            segs.append([m["content"] + "\n", False])
-        elif m["role"] == "user":
-            segs.append([f"{m['content']} {cfg.tags.question}\n", False])
-        else:
-            segs.append([f"{m['content']} {cfg.tags.end}", True])
-            segs.append(["\n", False])
-    return segs[:-1]  # drop the separator after the last answer
-
-
-def _render_text(messages: list[dict[str, str]], cfg: FormatConfig) -> Segments:
-    return [["\n".join(m["content"] for m in messages), True]]
-
-
-def _chat_renderer(tokenizer: Any) -> Callable[[list[dict[str, str]], FormatConfig], Segments]:
-    """Render with the tokenizer's chat template, finding each answer span by prefix difference."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("format.template", None, "template 'chat' needs a base model with a chat template")
-
-    def render(messages: list[dict[str, str]], cfg: FormatConfig) -> Segments:
-        if cfg.system_prompt is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        segs: Segments = []
-        done = ""
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not (before.startswith(done) and full.startswith(before)):
-                raise DataError("format.template", None, "chat template is not prefix-stable; use 'tagged'")
-            segs.append([before[len(done) :], False])
-            segs.append([full[len(before) :], True])
-            done = full
-        return segs
-
-    return render
-
-
-RENDERERS: dict[str, Callable[[list[dict[str, str]], FormatConfig], Segments]] = {
-    "tagged": _render_tagged,
-    "text": _render_text,
-}
-
-
-def _example(row: dict[str, Any], kind: str, render, cfg: FormatConfig) -> dict[str, Any]:
+def _example(row: dict[str, Any], kind: str, render: Renderer, cfg: FormatConfig) -> dict[str, Any]:
     """One tagged example (causal-LM rows) from a normalised `chat` or `text` row."""
     base = {"source": row["source"], "line": row["line"], "group": row.get("group"), "kind": kind}
     if row["kind"] == "text":
@@ -132,26 +79,10 @@ def _content_keys(row: dict[str, Any]) -> tuple[str, str]:
     return "\0".join(fields), "\0".join(norm)
 
 
-def format(
-    ingested: Path, out_dir: Path, cfg: FormatConfig, base_dir: Path = Path("."), tokenizer: Any = None
-) -> dict[str, Any]:
-    """Render `ingested/rows.jsonl` into `out_dir/{tagged.jsonl,meta.json,preview.md,stats.json}`.
-
-    Args:
-        ingested: the ingest stage's output directory.
-        out_dir: written atomically (nothing is left behind on error).
-        cfg: the `format:` section.
-        base_dir: what relative paths in cfg (refusal questions) are relative to.
-        tokenizer: the base model's tokenizer; required only for `template: chat`.
-
-    Returns:
-        Counts: rows in, examples out, duplicates removed (exact / normalised), refusal rows.
-
-    Raises:
-        DataError: unreadable input, a bad refusal file, or a template the data cannot use.
-    """
-    rows = read_jsonl(Path(ingested) / "rows.jsonl")
-    render = _chat_renderer(tokenizer) if cfg.template == "chat" else RENDERERS[cfg.template]
+def _rendered(
+    rows: list[dict[str, Any]], source: Path, render: Renderer, cfg: FormatConfig, base_dir: Path
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(examples, their (exact, normalised) content keys): the ingested rows, then the refusal rows."""
     examples: list[dict[str, Any]] = []
     keys: list[tuple[str, str]] = []
     for row in rows:
@@ -171,18 +102,24 @@ def format(
             kind = "text" if row["kind"] == "text" else ("qa" if n_turns == 1 else "chat")
             examples.append(_example(row, kind, render, cfg))
         else:
-            raise DataError(Path(ingested) / "rows.jsonl", None, f"row with unknown kind {row.get('kind')!r}")
+            raise DataError(source, None, f"row with unknown kind {row.get('kind')!r}")
         keys.append(_content_keys(row))
-    n_refusal = 0
     if cfg.refusal is not None and cfg.refusal.questions:
-        qpath = base_dir / cfg.refusal.questions
-        for line, q in _read_refusal_questions(qpath):
+        for line, q in _read_refusal_questions(base_dir / cfg.refusal.questions):
             msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": cfg.refusal.answer}]
             row = {"source": cfg.refusal.questions, "line": line, "messages": msgs, "kind": "chat"}
             examples.append(_example(row, "refusal", render, cfg))
             keys.append(_content_keys(row))
-            n_refusal += 1
+    return examples, keys
 
+
+def _dedupe(
+    examples: list[dict[str, Any]], keys: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], int, int]:
+    """(first example of each content, exact duplicates dropped, normalised duplicates dropped).
+
+    Each kept example gets its id: a hash of its normalised content, stable across runs.
+    """
     seen_exact: set[str] = set()
     seen_norm: set[str] = set()
     kept, n_exact, n_norm = [], 0, 0
@@ -197,34 +134,46 @@ def format(
         seen_norm.add(norm)
         ex["id"] = stable_hash(norm)[:16]
         kept.append(ex)
-    if not kept:
-        raise DataError(Path(ingested) / "rows.jsonl", None, "no examples to format")
+    return kept, n_exact, n_norm
 
-    special = (
-        [cfg.tags.question, cfg.tags.end] if cfg.template == "tagged" and cfg.tags.special_tokens else []
-    )
-    meta = {
-        "template": cfg.template,
-        "format": cfg.model_dump(),  # lets inference render a question exactly as training did
-        "tags": cfg.tags.model_dump(),
-        # generation stops at this string; finetune appends EOS after it so the model learns to stop
-        "end_marker": cfg.tags.end if cfg.template == "tagged" else None,
-        "special_tokens": special,
-        "refusal_answer": cfg.refusal.answer if cfg.refusal else None,
-        "task": "classification" if all(e["kind"] == "classification" for e in kept) else "causal_lm",
-    }
+
+def format_examples(
+    ingested: Path, out_dir: Path, cfg: FormatConfig, base_dir: Path = Path("."), tokenizer: Any = None
+) -> dict[str, Any]:
+    """Render `ingested/rows.jsonl` into `out_dir/{examples.jsonl,template.json,preview.md,stats.json}`.
+
+    Args:
+        ingested: the ingest stage's output directory.
+        out_dir: written atomically (nothing is left behind on error).
+        cfg: the `format:` section.
+        base_dir: what relative paths in cfg (refusal questions) are relative to.
+        tokenizer: the base model's tokenizer; required only for `template: chat`.
+
+    Returns:
+        Counts: rows in, examples out, duplicates removed (exact / normalised), refusal rows.
+
+    Raises:
+        DataError: unreadable input, a bad refusal file, or a template the data cannot use.
+    """
+    source = Path(ingested) / "rows.jsonl"
+    rows = read_jsonl(source)
+    examples, keys = _rendered(rows, source, renderer(cfg, tokenizer), cfg, Path(base_dir))
+    kept, n_exact, n_norm = _dedupe(examples, keys)
+    if not kept:
+        raise DataError(source, None, "no examples to format")
+    task = "classification" if all(e["kind"] == "classification" for e in kept) else "causal_lm"
     stats = {
         "rows_in": len(rows),
         "examples": len(kept),
-        "refusal_rows": n_refusal,
+        "refusal_rows": sum(e["kind"] == "refusal" for e in examples),
         "exact_duplicates": n_exact,
         "normalized_duplicates": n_norm,
         "kinds": {k: sum(e["kind"] == k for e in kept) for k in sorted({e["kind"] for e in kept})},
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        write_jsonl(tmp / "tagged.jsonl", kept)
-        write_json(tmp / "meta.json", meta)
+        write_jsonl(tmp / "examples.jsonl", kept)
+        write_template(tmp, template_facts(cfg, task))
         write_json(tmp / "stats.json", stats)
         (tmp / "preview.md").write_text(_preview(kept, cfg), encoding="utf-8")
     return stats
@@ -246,34 +195,16 @@ def _preview(examples: list[dict[str, Any]], cfg: FormatConfig) -> str:
     return "\n".join(out)
 
 
-SENTINEL = "\x00"  # stands in for the answer when rendering an inference prompt
-
-
-def render_prompt(question: str, meta: dict[str, Any], tokenizer: Any = None) -> str:
-    """The prompt a model trained on this template expects for `question` (used at inference).
-
-    Renders [user question, assistant SENTINEL] with the same renderer training used and keeps the
-    text before the sentinel, so inference can never drift from the training format.
-    """
-    cfg = FormatConfig.model_validate(meta["format"])
-    render = _chat_renderer(tokenizer) if cfg.template == "chat" else RENDERERS[cfg.template]
-    msgs = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": SENTINEL}]
-    text = "".join(s for s, _ in render(msgs, cfg))
-    return text[: text.index(SENTINEL)]
-
-
-def _run(p: Params) -> dict[str, Any]:
+def run(p: Params, root: Path) -> dict[str, Any]:
     tokenizer = None
-    if p.format.template == "chat":
-        from tagtune.models import load_tokenizer, resolve_base
+    if p.format.template == "chat":  # the chat template is the base model's own
+        from tagtune.models import load_base_tokenizer
 
-        tokenizer = load_tokenizer(resolve_base(p.model.base, p.model.cache_dir, p.model.allow_pickle))
-    return format(Path(p.paths.ingested), Path(p.paths.tagged), p.format, tokenizer=tokenizer)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage("format", _run, argv)
+        tokenizer = load_base_tokenizer(p.model)
+    return format_examples(root / p.paths.ingest, root / p.paths.format, p.format, root, tokenizer)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("format"))

@@ -3,7 +3,7 @@
     python -m stages.ingest [-S ingest.on_invalid=skip]
 
 Reads each entry of `ingest.sources` (a file, a directory, a glob, or an SQL query) in one of the
-formats below and writes `rows.jsonl` + `stats.json` to `paths.ingested`. Every row keeps its
+formats below and writes `rows.jsonl` + `stats.json` to `paths.ingest`. Every row keeps its
 provenance (`source`, `line`) and is one of three kinds:
 
 - `chat`: `messages` = optional system, then alternating user/assistant, ending with assistant
@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from tagtune.cli_util import run_stage
-from tagtune.config import IngestConfig, SourceConfig
+from tagtune.config import IngestConfig, Params, SourceConfig
 from tagtune.errors import ConfigError, DataError
 from tagtune.io import atomic_path, write_json, write_jsonl
 
@@ -597,10 +596,11 @@ def ingest(cfg: IngestConfig, out_dir: Path, base_dir: Path = Path(".")) -> dict
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.ingest`: read params.yaml, ingest into `paths.ingested`."""
-    return run_stage("ingest", lambda p: ingest(p.ingest, Path(p.paths.ingested)), argv)
+def run(p: Params, root: Path) -> dict[str, Any]:
+    return ingest(p.ingest, root / p.paths.ingest, base_dir=root)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("ingest"))

@@ -1,6 +1,6 @@
 """register: log the fine-tuned model to MLflow, register it once, and promote it only if it is better.
 
-    python -m stages.register                 # register + gate; writes paths.registered/register.json
+    python -m stages.register                 # register + gate; writes paths.register/register.json
     python -m stages.register --check         # registry lacks register.json's version? delete the file
                                               # so the next `dvc repro` runs this stage again
 
@@ -11,16 +11,14 @@ than `register.min_delta`; otherwise `@challenger`. A retry of the same run reus
 Rollback: `python -m tagtune.registry rollback [--to VERSION]`. See tagtune/registry.py.
 
 MLflow unreachable: fails within `mlflow.timeout_s` with a clear message; the trained model stays
-in `paths.finetuned`, so re-running this stage is all it takes.
+in `paths.finetune`, so re-running this stage is all it takes.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-from tagtune.cli_util import run_stage
 from tagtune.config import GenerationConfig, MlflowConfig, Params, RegisterConfig
 from tagtune.io import atomic_path, read_json, write_json
 
@@ -92,24 +90,24 @@ def check_registered(out_dir: Path, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     }
 
 
-def _run(p: Params) -> dict[str, Any]:
+def run(p: Params, root: Path) -> dict[str, Any]:
+    paths = p.paths
     return register(
-        Path(p.paths.finetuned),
-        Path(p.paths.evaluation),
-        Path(p.paths.registered),
+        root / paths.finetune,
+        root / paths.evaluate,
+        root / paths.register,
         p.register,
         p.mlflow,
         p.evaluate.generation,
+        root,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--check" in argv:
-        argv.remove("--check")
-        return run_stage("register", lambda p: check_registered(Path(p.paths.registered), p.mlflow), argv)
-    return run_stage("register", _run, argv)
+def check(p: Params, root: Path) -> dict[str, Any]:
+    return check_registered(root / p.paths.register, p.mlflow)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("register"))

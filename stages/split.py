@@ -1,4 +1,4 @@
-"""split: deterministic, append-stable train/val/test split of the tagged dataset.
+"""split: deterministic, append-stable train/val/test split of the formatted examples.
 
     python -m stages.split [-S split.seed=7]
 
@@ -27,10 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tagtune.cli_util import run_stage
-from tagtune.config import SplitConfig
+from tagtune.config import Params, SplitConfig
 from tagtune.errors import DataError
 from tagtune.io import atomic_path, read_jsonl, write_json, write_jsonl
+from tagtune.templates import TEMPLATE_FILE
 from tagtune.text import normalize, unit_interval
 
 SPLITS = ("train", "val", "test")
@@ -74,8 +74,8 @@ def assign(examples: list[dict[str, Any]], cfg: SplitConfig) -> list[str]:
     return out
 
 
-def split(tagged: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
-    """Split `tagged/tagged.jsonl` into `out_dir/{train,val,test}.jsonl` (+ stats.json, meta.json).
+def split(formatted: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
+    """Split `formatted/examples.jsonl` into `out_dir/{train,val,test}.jsonl` (+ stats.json, template.json).
 
     Returns:
         Row counts per split (and per label for classification).
@@ -84,16 +84,16 @@ def split(tagged: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
         DataError: the input is missing/invalid, train would be empty, or a classification label
             has no train rows.
     """
-    tagged = Path(tagged)
-    examples = read_jsonl(tagged / "tagged.jsonl")
+    source = Path(formatted) / "examples.jsonl"
+    examples = read_jsonl(source)
     if not examples:
-        raise DataError(tagged / "tagged.jsonl", None, "no examples to split")
+        raise DataError(source, None, "no examples to split")
     names = assign(examples, cfg)
     parts: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for ex, name in zip(examples, names, strict=True):
         parts[name].append(ex)
     if not parts["train"]:
-        raise DataError(tagged / "tagged.jsonl", None, f"train split is empty ({len(examples)} examples)")
+        raise DataError(source, None, f"train split is empty ({len(examples)} examples)")
     stats: dict[str, Any] = {s: len(parts[s]) for s in SPLITS}
     stats["kinds"] = {s: dict(Counter(e["kind"] for e in parts[s])) for s in SPLITS}
     if any(e["kind"] == "classification" for e in examples):
@@ -102,7 +102,7 @@ def split(tagged: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
         missing = (set(labels["val"]) | set(labels["test"])) - set(labels["train"])
         if missing:
             raise DataError(
-                tagged / "tagged.jsonl",
+                source,
                 None,
                 f"labels {sorted(missing)} have no train rows; add data or change split.seed",
             )
@@ -111,14 +111,16 @@ def split(tagged: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
         for s in SPLITS:
             write_jsonl(tmp / f"{s}.jsonl", parts[s])
         write_json(tmp / "stats.json", stats)
-        # finetune/evaluate read the template facts (end marker, tags) next to the data they train on
-        (tmp / "meta.json").write_bytes((tagged / "meta.json").read_bytes())
+        # the template facts travel with the data: finetune trains on these files and saves them with the model
+        (tmp / TEMPLATE_FILE).write_bytes((Path(formatted) / TEMPLATE_FILE).read_bytes())
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_stage("split", lambda p: split(Path(p.paths.tagged), Path(p.paths.splits), p.split), argv)
+def run(p: Params, root: Path) -> dict[str, Any]:
+    return split(root / p.paths.format, root / p.paths.split, p.split)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from stages import main
+
+    raise SystemExit(main("split"))

@@ -9,6 +9,7 @@ Every section is a frozen pydantic model that rejects unknown keys, so a typo su
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -25,17 +26,25 @@ class _Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- paths
-class PathsConfig(_Section):
-    """Where each stage reads and writes, relative to the repo root; dvc.yaml uses `${paths.*}`."""
+# Section and path keys are the stage names; `register` shadows ABCMeta.register, which nobody calls
+# on a params object.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    raw: str = "data/raw"
-    ingested: str = "data/ingested"  # rows.jsonl + stats.json
-    tagged: str = "data/tagged"  # tagged.jsonl + meta.json + preview.md
-    splits: str = "data/splits"  # train/val/test.jsonl + stats.json
-    finetuned: str = "models/finetuned"  # adapter or model + tokenizer + training.json
-    checkpoints: str = "models/checkpoints"  # resumable Trainer checkpoints (not a DVC output)
-    evaluation: str = "reports/evaluate"  # metrics.json, answers.jsonl, report.md, images
-    registered: str = "reports/register"  # register.json: version, alias, decision
+
+class PathsConfig(_Section):
+    """Where each stage writes, relative to the repo root: `paths.<stage>` is the output of stage <stage>.
+
+    dvc.yaml refers to them as `${paths.<stage>}`; nothing else spells a path out.
+    """
+
+    raw: Path = Path("data/raw")  # the user's sources (read by ingest and format, written by nobody)
+    ingest: Path = Path("data/ingest")  # rows.jsonl + stats.json
+    format: Path = Path("data/format")  # examples.jsonl + template.json + preview.md + stats.json
+    split: Path = Path("data/split")  # train/val/test.jsonl + stats.json + template.json
+    finetune: Path = Path("models/finetune")  # adapter/ and/or model/, training.json, loss.csv
+    checkpoints: Path = Path("models/checkpoints")  # resumable Trainer checkpoints (not a DVC output)
+    evaluate: Path = Path("reports/evaluate")  # metrics.json, answers.jsonl, report.md, figures/
+    register: Path = Path("reports/register")  # register.json: version, alias, decision
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -189,7 +198,7 @@ class EvaluateConfig(_Section):
     batch_size: Annotated[int, Field(gt=0)] = 16
     max_examples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
     compare_base: bool = True  # also evaluate the base model, so every report shows the gain
-    max_length: Annotated[int, Field(gt=8)] = 256  # tokens per example for answer perplexity
+    # answer perplexity uses the model's own finetune.max_length (from training.json): the same tokens
     repetition_ngram: Annotated[int, Field(gt=0)] = 3  # words per n-gram in repetition_rate
 
 
@@ -206,6 +215,13 @@ class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides
     experiment: str = "tagtune"
     timeout_s: Annotated[float, Field(gt=0)] = 30.0  # fail fast when the server is unreachable
+    # finetune and evaluate log params, step metrics and reports to a run; false = only register
+    # talks to MLflow (its job is the registry)
+    log_runs: bool = True
+
+    def for_runs(self) -> MlflowConfig | None:
+        """What finetune/evaluate log to: this store, or None when `log_runs` is off."""
+        return self if self.log_runs else None
 
 
 class ScheduleConfig(_Section):
@@ -236,25 +252,21 @@ class UiConfig(_Section):
     concurrency: Annotated[int, Field(gt=0)] = 1  # answers generated at once (CPU: 1 is fastest overall)
 
 
-with warnings.catch_warnings():
-    # `register` shadows ABCMeta.register, which nobody calls on a params object.
-    warnings.filterwarnings("ignore", message='Field name "register"')
+class Params(_Section):
+    """The whole params.yaml."""
 
-    class Params(_Section):
-        """The whole params.yaml."""
-
-        paths: PathsConfig = PathsConfig()
-        model: ModelConfig = ModelConfig()
-        ingest: IngestConfig = IngestConfig()
-        format: FormatConfig = FormatConfig()
-        split: SplitConfig = SplitConfig()
-        finetune: FinetuneConfig = FinetuneConfig()
-        evaluate: EvaluateConfig = EvaluateConfig()
-        register: RegisterConfig = RegisterConfig()
-        mlflow: MlflowConfig = MlflowConfig()
-        schedule: ScheduleConfig = ScheduleConfig()
-        flow: FlowConfig = FlowConfig()
-        ui: UiConfig = UiConfig()
+    paths: PathsConfig = PathsConfig()
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+    format: FormatConfig = FormatConfig()
+    split: SplitConfig = SplitConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    flow: FlowConfig = FlowConfig()
+    ui: UiConfig = UiConfig()
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
@@ -269,19 +281,32 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw params dict."""
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a", "b", "c"], value parsed as YAML), as `dvc exp run -S` reads it."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. finetune.max_steps=50")
     key, value = override.split("=", 1)
-    parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: invalid YAML value: {getattr(e, 'problem', e)}") from None
+    return [p.strip() for p in key.strip().split(".")], parsed
+
+
+def _apply_override(raw: Any, override: str) -> bool:
+    """Set one override in a (plain or round-trip) params mapping; returns whether the value changed."""
+    parts, value = parse_override(override)
     node = raw
     for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {p} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    if parts[-1] in node and node[parts[-1]] == value:
+        return False
+    node[parts[-1]] = value
+    return True
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
@@ -296,17 +321,14 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         raise ConfigError(_format_validation_error(source, err)) from None
 
 
-def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params.yaml.
-
-    Raises:
-        ConfigError: unreadable/invalid YAML (with line), unknown keys, bad types or ranges.
-    """
-    path = Path(path)
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read params: {e.strerror}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -315,9 +337,50 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: list[st
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params.yaml.
+
+    Raises:
+        ConfigError: unreadable/invalid YAML (with line), unknown keys, bad types or ranges.
+    """
+    path = Path(path)
+    raw = _parse_yaml(_read(path), path)
     for o in overrides or []:
         _apply_override(raw, o)
     return parse_params(raw, str(path))
+
+
+def write_overrides(path: str | os.PathLike[str], overrides: list[str]) -> list[str]:
+    """Write `key=value` overrides into params.yaml, keeping its comments (what `dvc exp run -S` does).
+
+    dvc.lock can only record params that are in params.yaml, so a run whose overrides were not written
+    there could not be reproduced. Returns the keys whose value changed.
+
+    Raises:
+        ConfigError: a malformed override, or one that makes params.yaml invalid (nothing is written).
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    text = _read(path)
+    raw = _parse_yaml(text, path)
+    for o in overrides:
+        _apply_override(raw, o)
+    parse_params(raw, str(path))  # validate everything first: nothing written on error
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # params.yaml's list style: untouched lines stay the same
+    doc = rt.load(text)
+    changed = [o.split("=", 1)[0].strip() for o in overrides if _apply_override(doc, o)]
+    if changed:
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        path.write_text(buf.getvalue(), encoding="utf-8")
+    return changed
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:

@@ -1,6 +1,7 @@
 """Tokenising tagged examples: prompt tokens masked, answer tokens (and the stop token) trained.
 
-Shared by finetune (training labels) and evaluate (answer perplexity), so both see the same tokens.
+Shared by finetune (training labels and batches) and evaluate (answer perplexity), so both see the
+same tokens.
 """
 
 from __future__ import annotations
@@ -37,3 +38,57 @@ def encode_example(
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def build_lm_features(
+    examples: list[dict[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[dict], dict]:
+    """Tokenise causal-LM examples; returns (features, counts of truncated/dropped)."""
+    feats, truncated, dropped = [], 0, 0
+    for ex in examples:
+        enc = encode_example(ex["segments"], tokenizer, max_length)
+        if enc is None:
+            dropped += 1
+            continue
+        truncated += enc.pop("truncated")
+        feats.append({**enc, "length": len(enc["input_ids"])})
+    return feats, {"truncated": truncated, "dropped": dropped}
+
+
+def build_cls_features(
+    examples: list[dict[str, Any]], tokenizer: Any, max_length: int, labels: list[str]
+) -> list[dict]:
+    """Tokenise classification examples; `labels` fixes each label name's class index."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    feats = []
+    for ex in examples:
+        ids = tokenizer(ex["text"], add_special_tokens=True, truncation=True, max_length=max_length)[
+            "input_ids"
+        ]
+        feats.append({"input_ids": ids, "labels": index[ex["label"]], "length": len(ids)})
+    return feats
+
+
+class PadCollator:
+    """Right-pad a batch to its longest example; labels padded with -100 (never trained)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        seq_labels = isinstance(batch[0]["labels"], list)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if seq_labels else None
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            mask[i, :n] = 1
+            if seq_labels:
+                labels[i, :n] = torch.tensor(b["labels"])
+        if not seq_labels:
+            labels = torch.tensor([b["labels"] for b in batch], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -18,3 +18,18 @@ class DataError(TagtuneError):
         self.path, self.line, self.problem = str(path), line, problem
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {problem}")
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (multi-line messages joined with `; `)."""
+    text = str(e).strip() or type(e).__name__
+    return "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def error_line(command: str, e: BaseException) -> str:
+    """`tagtune <command>: error: <one line>` — how every entry point reports a failure.
+
+    A TagtuneError is the user's to fix and speaks for itself; anything else is named by its type.
+    """
+    kind = "" if isinstance(e, TagtuneError) else f"{type(e).__name__}: "
+    return f"tagtune {command}: error: {kind}{one_line(e)}"

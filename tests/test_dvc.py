@@ -27,11 +27,11 @@ def test_repro_builds_then_noops_then_reruns_only_the_changed_stage(tmp_path, ti
     first = _dvc(root, "repro", "split")
     assert _ran(first.stdout) == ["ingest", "format", "split"]
     for f in (
-        "data/ingested/rows.jsonl",
-        "data/tagged/tagged.jsonl",
-        "data/tagged/preview.md",
-        "data/splits/train.jsonl",
-        "data/splits/test.jsonl",
+        "data/ingest/rows.jsonl",
+        "data/format/examples.jsonl",
+        "data/format/preview.md",
+        "data/split/train.jsonl",
+        "data/split/test.jsonl",
     ):
         assert (root / f).is_file(), f
     assert _ran(_dvc(root, "repro", "split").stdout) == []
@@ -50,4 +50,4 @@ def test_bad_raw_data_fails_the_repro_and_leaves_no_output(tmp_path, tiny_llama)
     r = subprocess.run(["dvc", "repro", "ingest"], cwd=root, env=env(root), capture_output=True, text=True)
     assert r.returncode != 0
     assert f"data/raw/faq.csv:{lines}" in r.stderr + r.stdout
-    assert not (root / "data" / "ingested").exists()
+    assert not (root / "data" / "ingest").exists()

@@ -88,7 +88,7 @@ def make_pipeline(
     from tinymodels import make_tiny_model
 
     from stages.finetune import finetune
-    from stages.format import format as format_stage
+    from stages.format import format_examples
     from stages.split import split
 
     root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def make_pipeline(
     write_jsonl(root / "ingested" / "rows.jsonl", rows)
     (root / "ood.txt").write_text("\n".join(OOD) + "\n", encoding="utf-8")
     refusal = RefusalConfig(answer=REFUSAL, questions="ood.txt") if task != "classification" else None
-    format_stage(root / "ingested", root / "tagged", FormatConfig(refusal=refusal), base_dir=root)
+    format_examples(root / "ingested", root / "tagged", FormatConfig(refusal=refusal), base_dir=root)
     strategy = "example" if task == "classification" else "phrasing"
     split(
         root / "tagged", root / "splits", SplitConfig(test_fraction=0.3, val_fraction=0.0, strategy=strategy)
@@ -237,7 +237,7 @@ def test_select_examples_is_deterministic_and_keeps_every_kind():
 def test_answer_loss_equals_unpadded_model_loss(tiny_lm):
     import torch
 
-    from tagtune.serving import load_finetuned
+    from tagtune.models import load_finetuned
 
     splits, finetuned = tiny_lm
     rows = read_jsonl(splits / "train.jsonl")[:5]
@@ -338,7 +338,8 @@ def test_evaluate_classification(tmp_path):
 def test_evaluate_and_export_an_adapter_only_lora_run(tmp_path):
     """finetune.merge: false leaves only adapter/: evaluate merges it into the base in memory, and
     export_model_dir (what register ships) writes a complete model that answers the same."""
-    from tagtune.serving import Chatbot, export_model_dir
+    from tagtune.app.chat import Chatbot
+    from tagtune.models import export_model_dir
 
     splits, finetuned = make_pipeline(tmp_path, method="lora", merge=False, max_steps=4)
     assert not (finetuned / "model").exists() and (finetuned / "adapter").is_dir()
@@ -347,7 +348,7 @@ def test_evaluate_and_export_an_adapter_only_lora_run(tmp_path):
     )
     assert "tuned.answer_f1" in m
     merged = export_model_dir(finetuned, tmp_path / "merged")
-    (merged / "meta.json").write_bytes((finetuned / "meta.json").read_bytes())
+    (merged / "template.json").write_bytes((finetuned / "template.json").read_bytes())
     tuned = {r["question"]: r["answer"] for r in read_jsonl(tmp_path / "eval" / "answers.jsonl")}
     bot = Chatbot.from_dir(merged)
     questions = list(tuned)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from tinydata import cls_rows, make_splits, qa_rows
 
-from stages.finetune import PadCollator, build_lm_features, finetune
+from stages.finetune import finetune
 from tagtune.config import FinetuneConfig, FormatConfig, ModelConfig, RefusalConfig, TagsConfig
-from tagtune.encoding import IGNORE_INDEX, encode_example
+from tagtune.encoding import IGNORE_INDEX, PadCollator, build_lm_features, encode_example
 from tagtune.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_llama):
     params = tmp_path / "params.yaml"
     params.write_text(
         textwrap.dedent(f"""
-        paths: {{splits: {tmp_path}/data/splits, finetuned: {tmp_path}/out, checkpoints: {tmp_path}/ckpt}}
+        paths: {{split: {tmp_path}/data/splits, finetune: {tmp_path}/out, checkpoints: {tmp_path}/ckpt}}
         model: {{base: {tiny_llama}}}
         finetune: {{max_steps: 4, batch_size: 2, save_steps: 100, precision: fp32, logging_steps: 1}}
         mlflow: {{tracking_uri: "sqlite:///{tmp_path}/mlflow.db"}}

@@ -69,7 +69,7 @@ def test_flow_run_leaves_the_state_dvc_repro_would(flow_ws):
     data = json.loads(_dvc(ws, "data", "status", "--granular", "--json").stdout)
     assert (
         not data.get("uncommitted")
-        and "models/finetuned/model/model.safetensors" in data["committed"]["added"]
+        and "models/finetune/model/model.safetensors" in data["committed"]["added"]
     )
 
 
@@ -90,7 +90,7 @@ def test_unchanged_data_retrains_zero_steps(flow_ws):
 def test_new_feedback_row_retrains_and_registers(flow_ws):
     """A correction in the feedback table changes the ingested rows: the pipeline trains again."""
     from flows.pipeline import pipeline
-    from tagtune.ui import FeedbackStore
+    from tagtune.app.ui import FeedbackStore
 
     ws, _ = flow_ws
     # a correction of a trained answer: same question text, so it joins that question in train
@@ -123,11 +123,11 @@ def test_transient_errors_are_retried_and_data_errors_are_not(flow_ws, monkeypat
 
     def bad(*args, **kwargs):
         calls.append(1)
-        raise DataError("data/tagged/tagged.jsonl", 3, "invalid JSON")
+        raise DataError("data/format/examples.jsonl", 3, "invalid JSON")
 
     calls.clear()
     monkeypatch.setattr(stages.split, "split", bad)
-    with pytest.raises(DataError, match="tagged.jsonl:3"):
+    with pytest.raises(DataError, match="examples.jsonl:3"):
         pipeline(repo_dir=str(ws), only=["split"], force=True)
     assert len(calls) == 1  # validation errors fail at once
 
@@ -136,7 +136,7 @@ def test_is_transient_classification():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-    from flows.pipeline import is_transient
+    from tagtune.tracking import is_transient
 
     assert is_transient(TrackingError("down")) and is_transient(ConnectionRefusedError())
     assert is_transient(TimeoutError()) and is_transient(OSError(5, "I/O error"))
@@ -154,7 +154,7 @@ def test_is_transient_classification():
 
 # --------------------------------------------------------------------------------------- overrides
 def test_overrides_are_written_into_params_yaml_with_comments_kept(tmp_path):
-    from flows.pipeline import write_overrides
+    from tagtune.config import write_overrides
 
     src = Path(__file__).resolve().parents[1] / "params.yaml"
     params = tmp_path / "params.yaml"
@@ -175,7 +175,7 @@ def test_overrides_are_written_into_params_yaml_with_comments_kept(tmp_path):
 
 
 def test_invalid_override_changes_nothing(tmp_path):
-    from flows.pipeline import write_overrides
+    from tagtune.config import write_overrides
 
     params = tmp_path / "params.yaml"
     params.write_text("finetune:\n  max_steps: 3  # tiny\n")
@@ -249,7 +249,7 @@ def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
         http = httpx.Client(base_url=api, timeout=10)
         _wait(lambda: http.get("/health").status_code == 200, 120, "prefect server", server)
         served = subprocess.Popen(
-            [sys.executable, "-m", "tagtune.cli", "deploy", "--cron", "0 0 1 1 *"], **popen
+            [sys.executable, "-m", "tagtune.app.cli", "deploy", "--cron", "0 0 1 1 *"], **popen
         )
 
         def deployment():
@@ -303,7 +303,7 @@ def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
 
 def test_feedback_store_semantics(tmp_path):
     """Latest verdict per question wins; 👎 without a correction trains nothing."""
-    from tagtune.ui import FeedbackStore
+    from tagtune.app.ui import FeedbackStore
 
     store = FeedbackStore(tmp_path / "fb.db")
     assert store.examples() == [] and not (tmp_path / "fb.db").exists()  # no file until a verdict
@@ -324,8 +324,8 @@ def test_feedback_store_semantics(tmp_path):
 def test_feedback_without_training_rows_does_not_break_ingest(tmp_path):
     """Only a 👎 without a correction so far: the feedback view is empty, the retrain must go on."""
     from stages.ingest import ingest
+    from tagtune.app.ui import EXAMPLES_QUERY, FeedbackStore
     from tagtune.config import IngestConfig
-    from tagtune.ui import EXAMPLES_QUERY, FeedbackStore
 
     (tmp_path / "faq.csv").write_text(f"question,answer\n{QUESTION},{ANSWER}\n")
     FeedbackStore(tmp_path / "feedback.db").record(QUESTION, "no idea", -1)

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from tinydata import OOD, cls_rows, qa_rows, run_stage_cli
 
-from stages.format import format, render_prompt
+from stages.format import format_examples
 from stages.split import assign, split
 from tagtune.config import FormatConfig, RefusalConfig, SplitConfig
 from tagtune.errors import DataError
 from tagtune.io import read_jsonl, write_jsonl
+from tagtune.templates import render_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,12 +36,12 @@ def _qa(q: str, a: str, line: int = 2, group: str | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------- format
 def test_tagged_template_masks_the_question_and_trains_the_answer(tmp_path):
-    stats = format(
+    stats = format_examples(
         _ingested(tmp_path, [_qa("Where is the harbour?", "East of the bridge.")]),
         tmp_path / "t",
         FormatConfig(),
     )
-    (ex,) = read_jsonl(tmp_path / "t" / "tagged.jsonl")
+    (ex,) = read_jsonl(tmp_path / "t" / "examples.jsonl")
     assert ex["segments"] == [
         ["Where is the harbour? <QUESTION>\n", False],
         ["East of the bridge. <END>", True],
@@ -48,7 +49,7 @@ def test_tagged_template_masks_the_question_and_trains_the_answer(tmp_path):
     assert ex["prompt"] == "Where is the harbour? <QUESTION>\n" and ex["reference"] == "East of the bridge."
     assert (ex["source"], ex["line"], ex["kind"]) == ("faq.csv", 2, "qa")
     assert stats["examples"] == 1
-    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "t" / "template.json").read_text())
     assert meta["end_marker"] == "<END>" and meta["task"] == "causal_lm"
 
 
@@ -66,8 +67,8 @@ def test_multi_turn_chat_trains_every_answer(tmp_path):
             {"role": "assistant", "content": "Goodbye."},
         ],
     }
-    format(_ingested(tmp_path, [row]), tmp_path / "t", FormatConfig())
-    (ex,) = read_jsonl(tmp_path / "t" / "tagged.jsonl")
+    format_examples(_ingested(tmp_path, [row]), tmp_path / "t", FormatConfig())
+    (ex,) = read_jsonl(tmp_path / "t" / "examples.jsonl")
     assert [s for s, t in ex["segments"] if t] == ["Hello. <END>", "Goodbye. <END>"]
     assert (
         ex["kind"] == "chat" and ex["prompt"].endswith("Bye <QUESTION>\n") and ex["reference"] == "Goodbye."
@@ -78,8 +79,8 @@ def test_text_template_trains_everything(tmp_path):
     rows = [
         {"source": "t.txt", "line": 3, "kind": "text", "text": "Brindlemoor has a harbour.", "group": None}
     ]
-    format(_ingested(tmp_path, rows), tmp_path / "t", FormatConfig(template="text"))
-    (ex,) = read_jsonl(tmp_path / "t" / "tagged.jsonl")
+    format_examples(_ingested(tmp_path, rows), tmp_path / "t", FormatConfig(template="text"))
+    (ex,) = read_jsonl(tmp_path / "t" / "examples.jsonl")
     assert ex["segments"] == [["Brindlemoor has a harbour.", True]] and ex["kind"] == "text"
 
 
@@ -91,22 +92,22 @@ def test_chat_template_uses_the_models_own_template(tmp_path, tiny_llama):
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    format(
+    format_examples(
         _ingested(tmp_path, [_qa("Hi?", "Hello.")]),
         tmp_path / "t",
         FormatConfig(template="chat"),
         tokenizer=tok,
     )
-    (ex,) = read_jsonl(tmp_path / "t" / "tagged.jsonl")
+    (ex,) = read_jsonl(tmp_path / "t" / "examples.jsonl")
     assert ex["segments"] == [["<|user|>Hi?<|end|><|assistant|>", False], ["Hello.<|end|>", True]]
-    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "t" / "template.json").read_text())
     assert render_prompt("Hi?", meta, tok) == "<|user|>Hi?<|end|><|assistant|>"
 
 
 def test_render_prompt_matches_training_prompts(tmp_path):
-    format(_ingested(tmp_path, qa_rows(2, 2)), tmp_path / "t", FormatConfig())
-    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
-    for ex in read_jsonl(tmp_path / "t" / "tagged.jsonl"):
+    format_examples(_ingested(tmp_path, qa_rows(2, 2)), tmp_path / "t", FormatConfig())
+    meta = json.loads((tmp_path / "t" / "template.json").read_text())
+    for ex in read_jsonl(tmp_path / "t" / "examples.jsonl"):
         assert render_prompt(ex["question"], meta) == ex["prompt"]
 
 
@@ -118,10 +119,10 @@ def test_refusal_rows_are_added_and_duplicates_removed(tmp_path):
         _qa("  where is the HARBOUR ", "east", 4),
     ]
     cfg = FormatConfig(refusal=RefusalConfig(answer="Sorry, only Brindlemoor.", questions="ood.txt"))
-    stats = format(_ingested(tmp_path, rows), tmp_path / "t", cfg, base_dir=tmp_path)
+    stats = format_examples(_ingested(tmp_path, rows), tmp_path / "t", cfg, base_dir=tmp_path)
     assert stats["exact_duplicates"] == 1 and stats["normalized_duplicates"] == 1
     assert stats["refusal_rows"] == len(OOD) and stats["examples"] == 1 + len(OOD)
-    refusals = [e for e in read_jsonl(tmp_path / "t" / "tagged.jsonl") if e["kind"] == "refusal"]
+    refusals = [e for e in read_jsonl(tmp_path / "t" / "examples.jsonl") if e["kind"] == "refusal"]
     assert refusals[0]["reference"] == "Sorry, only Brindlemoor." and refusals[0]["line"] == 1
     preview = (tmp_path / "t" / "preview.md").read_text()
     assert "⟦East. <END>⟧" in preview and "Where is the harbour? <QUESTION>" in preview
@@ -135,20 +136,20 @@ def test_bad_refusal_file_names_file_and_line_and_writes_nothing(tmp_path, conte
     (tmp_path / "ood.txt").write_bytes(content)
     cfg = FormatConfig(refusal=RefusalConfig(questions="ood.txt"))
     with pytest.raises(DataError, match=needle):
-        format(_ingested(tmp_path, [_qa("Q?", "A.")]), tmp_path / "t", cfg, base_dir=tmp_path)
+        format_examples(_ingested(tmp_path, [_qa("Q?", "A.")]), tmp_path / "t", cfg, base_dir=tmp_path)
     assert not (tmp_path / "t").exists()
 
 
 def test_format_cli_missing_input_exits_nonzero_without_output(tmp_path):
     (tmp_path / "params.yaml").write_text("format: {refusal: null}\n")
     r = run_stage_cli(tmp_path, "format")
-    assert r.returncode == 1 and "data/ingested/rows.jsonl: file not found" in r.stderr
-    assert not (tmp_path / "data" / "tagged").exists()
+    assert r.returncode == 1 and "data/ingest/rows.jsonl: file not found" in r.stderr
+    assert not (tmp_path / "data" / "format").exists()
 
 
 # -------------------------------------------------------------------------------------------- split
 def _tagged(tmp_path: Path, rows: list[dict], cfg: FormatConfig | None = None) -> Path:
-    format(_ingested(tmp_path, rows), tmp_path / "t", cfg or FormatConfig(), base_dir=tmp_path)
+    format_examples(_ingested(tmp_path, rows), tmp_path / "t", cfg or FormatConfig(), base_dir=tmp_path)
     return tmp_path / "t"
 
 
@@ -167,14 +168,14 @@ def test_split_is_byte_identical_for_same_data_and_seed(tmp_path):
 @pytest.mark.parametrize("strategy", ["phrasing", "group", "example"])
 def test_appending_rows_never_moves_existing_rows(tmp_path, strategy):
     cfg = SplitConfig(strategy=strategy, val_fraction=0.2, test_fraction=0.3)
-    old = read_jsonl(_tagged(tmp_path / "old", qa_rows(20, 3)) / "tagged.jsonl")
+    old = read_jsonl(_tagged(tmp_path / "old", qa_rows(20, 3)) / "examples.jsonl")
     new = read_jsonl(
         _tagged(
             tmp_path / "new",
             qa_rows(30, 3)
             + [_qa("What time does museum 3 open today?", "Museum 3 opens at 4 am.", 99, "m3")],
         )
-        / "tagged.jsonl"
+        / "examples.jsonl"
     )
     before = dict(zip([e["id"] for e in old], assign(old, cfg), strict=True))
     after = dict(zip([e["id"] for e in new], assign(new, cfg), strict=True))

@@ -73,11 +73,11 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def write_params(tmp_path: Path) -> Callable[..., Path]:
-    """Write tmp_path/params.yaml with the given ingest sources; output goes to data/ingested."""
+    """Write tmp_path/params.yaml with the given ingest sources; output goes to data/ingest."""
 
     def write(*sources: dict[str, Any], on_invalid: str = "error") -> Path:
         params = {
-            "paths": {"ingested": "data/ingested"},
+            "paths": {"ingest": "data/ingest"},
             "ingest": {"on_invalid": on_invalid, "sources": list(sources)},
         }
         path = tmp_path / "params.yaml"
@@ -509,7 +509,7 @@ def test_cli_writes_output_and_accepts_overrides(tmp_path, write_params):
     result = _cli(tmp_path, "-S", "ingest.on_invalid=skip")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["skipped"] == 2
-    assert len(read_jsonl(tmp_path / "data" / "ingested" / "rows.jsonl")) == 2
+    assert len(read_jsonl(tmp_path / "data" / "ingest" / "rows.jsonl")) == 2
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -8,11 +8,12 @@ import pytest
 import yaml
 from tinydata import run_stage_cli
 
+import stages
 from tagtune.config import load_params, parse_params
 from tagtune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "format", "split", "finetune", "evaluate", "register"]
+STAGES = list(stages.STAGES)  # the wiring table: dvc.yaml, the flow, bench and tests share it
 
 
 def test_shipped_params_validate_and_hold_the_public_keys():

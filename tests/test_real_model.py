@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from stages.finetune import finetune
-from stages.format import format, render_prompt
+from stages.format import format_examples
 from stages.ingest import ingest
 from stages.split import split
 from tagtune.config import GenerationConfig, load_params
 from tagtune.generation import generate_answers
 from tagtune.models import load_model, load_tokenizer, resolve_base
+from tagtune.templates import render_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_model
@@ -43,13 +44,13 @@ def test_shipped_data_through_finetune_with_the_default_params(tmp_path, base_di
     p = load_params(REPO / "params.yaml")
     sources = p.ingest.model_copy(update={"sources": [s for s in p.ingest.sources if not s.optional]})
     assert ingest(sources, tmp_path / "ingested", base_dir=REPO)["rows"] >= 450
-    format(tmp_path / "ingested", tmp_path / "tagged", p.format, base_dir=REPO)
+    format_examples(tmp_path / "ingested", tmp_path / "tagged", p.format, base_dir=REPO)
     stats = split(tmp_path / "tagged", tmp_path / "splits", p.split)
     assert stats["test"] > 0 and stats["kinds"]["test"].get("refusal", 0) > 0
     cfg = p.finetune.model_copy(update={"max_steps": 3, "batch_size": 4, "save_steps": 100})
     facts = finetune(tmp_path / "splits", tmp_path / "out", cfg, p.model, tmp_path / "ckpt", None)
     assert facts["steps"] == 3 and facts["train_loss"] > 0 and facts["trainable_params"] < 10e6
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "out" / "template.json").read_text())
     tok, model = load_tokenizer(str(tmp_path / "out" / "model")), load_model(str(tmp_path / "out" / "model"))
     question = "When does the Brindlemoor Maritime Museum open?"
     prompt = render_prompt(question, meta, tok)

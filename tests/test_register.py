@@ -22,10 +22,11 @@ import yaml
 
 from stages.evaluate import evaluate
 from stages.register import check_registered, register
+from tagtune.app.chat import Chatbot
 from tagtune.config import EvaluateConfig, GenerationConfig, MlflowConfig, RegisterConfig
+from tagtune.generation import _held_back
 from tagtune.io import read_json, write_json
-from tagtune.registry import CHALLENGER, CHAMPION, RegistryError, decide, rollback
-from tagtune.serving import Chatbot, _held_back, parse_model_uri, pull
+from tagtune.registry import CHALLENGER, CHAMPION, RegistryError, decide, parse_model_uri, pull, rollback
 from tagtune.tracking import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_dvc_yaml_register_stage_is_never_restored_from_run_cache():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["register"]
     outs = [o if isinstance(o, dict) else {o: {}} for o in stage["outs"]]
     assert all(next(iter(o.values())).get("cache") is False for o in outs)
-    assert "${paths.evaluation}/metrics.json" in stage["deps"]
+    assert "${paths.evaluate}/metrics.json" in stage["deps"]
 
 
 # ---------------------------------------------------------------------------------- real server

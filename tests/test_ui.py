@@ -47,7 +47,7 @@ def page(tmp_path_factory, tiny_llama):
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     url = f"http://127.0.0.1:{port}/"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tagtune.cli", "ui", "-p", str(tmp / "params.yaml")],
+        [sys.executable, "-m", "tagtune.app.cli", "ui", "-p", str(tmp / "params.yaml")],
         cwd=ws,
         env=env(ws),
         stdout=subprocess.PIPE,
@@ -105,7 +105,7 @@ def test_question_answer_and_correction_reach_the_next_ingest(page, browser, tmp
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tagtune.ui import FeedbackStore
+    from tagtune.app.ui import FeedbackStore
 
     d, wait = browser, WebDriverWait(browser, 90)
     d.get(page["url"])

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.format import format
+from stages.format import format_examples
 from stages.split import split
 from tagtune.config import FormatConfig, RefusalConfig, SplitConfig
 from tagtune.io import write_jsonl
@@ -81,7 +81,7 @@ def make_splits(
         fmt = FormatConfig(
             refusal=RefusalConfig(answer="Sorry, only museums.", questions="ood.txt") if refusal else None
         )
-    format(root / "ingested", root / "tagged", fmt, base_dir=root)
+    format_examples(root / "ingested", root / "tagged", fmt, base_dir=root)
     split(root / "tagged", root / "splits", split_cfg or SplitConfig(val_fraction=0.1, test_fraction=0.2))
     return root / "splits"
 

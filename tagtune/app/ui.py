@@ -2,7 +2,7 @@
 
     tagtune ui                               # models:/<register.model_name>@champion, http://127.0.0.1:7860
     tagtune ui --version 3 --port 7861       # another registered version / port
-    tagtune ui --model-dir models/finetuned  # the local finetune output, no registry
+    tagtune ui --model-dir models/finetune  # the local finetune output, no registry
 
 The page shows which model version it serves, sliders for the generation params, and 👍 / 👎 with
 an optional corrected answer for the last reply. Every verdict is a row of the SQLite table
@@ -31,6 +31,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from tagtune.app.chat import model_label
 from tagtune.config import GenerationConfig, Params, UiConfig
 from tagtune.errors import TagtuneError
 
@@ -139,22 +140,13 @@ def is_ingested(params: Params, feedback_db: Path, base_dir: Path = Path(".")) -
     return False
 
 
-def model_label(info: dict[str, Any]) -> str:
-    """`tagtune-town v3 (@champion)`, or the local directory for an unregistered model."""
-    if info.get("version"):
-        alias = f" (@{info['alias']})" if info.get("alias") else ""
-        return f"{info.get('model_name') or 'model'} v{info['version']}{alias}"
-    return f"local model {info.get('source', '?')}"
-
-
 # ------------------------------------------------------------------------------------------- page
-def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConfig):
-    """The Gradio Blocks page for `bot` (a tagtune.serving.Chatbot), writing verdicts to `store`."""
-    import gradio as gr
-
-    label = model_label(bot.info)
+def _responder(bot: Any):
+    """The `ask` handler: stream `bot`'s answer into the conversation, then offer the rating."""
 
     def respond(question, history, do_sample, temperature, top_k, top_p, repetition_penalty, max_new):
+        import gradio as gr
+
         question = (question or "").strip()
         history = list(history or [])
         if not question:
@@ -185,28 +177,39 @@ def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConf
             "Rate the answer: 👍 / 👎 (+ correction).",
         )
 
-    def rate(rating: int):
-        def handler(last, correction):
-            if not last:
-                return "Ask a question first, then rate the answer.", correction
-            row = store.record(
-                last["question"],
-                last["answer"],
-                rating,
-                correction,
-                bot.info.get("model_name"),
-                bot.info.get("version"),
-            )
-            if row["answer"] is None:
-                msg = f"Saved feedback #{row['id']} (👎 without a correction: not used for training)."
-            elif row["correction"]:
-                msg = f"Saved feedback #{row['id']}: the next retrain learns your corrected answer."
-            else:
-                msg = f"Saved feedback #{row['id']}: the next retrain reinforces this answer."
-            return msg, ""
+    return respond
 
-        return handler
 
+def _rater(bot: Any, store: FeedbackStore, rating: int):
+    """The 👍 (rating 1) or 👎 (-1) handler: store the verdict on the last answer."""
+
+    def handler(last, correction):
+        if not last:
+            return "Ask a question first, then rate the answer.", correction
+        row = store.record(
+            last["question"],
+            last["answer"],
+            rating,
+            correction,
+            bot.info.get("model_name"),
+            bot.info.get("version"),
+        )
+        if row["answer"] is None:
+            msg = f"Saved feedback #{row['id']} (👎 without a correction: not used for training)."
+        elif row["correction"]:
+            msg = f"Saved feedback #{row['id']}: the next retrain learns your corrected answer."
+        else:
+            msg = f"Saved feedback #{row['id']}: the next retrain reinforces this answer."
+        return msg, ""
+
+    return handler
+
+
+def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConfig):
+    """The Gradio Blocks page for `bot` (a tagtune.app.chat.Chatbot), writing verdicts to `store`."""
+    import gradio as gr
+
+    label = model_label(bot.info)
     with gr.Blocks(title="tagtune chat", analytics_enabled=False) as app:
         gr.Markdown(f"## tagtune chat\nServing **{label}**", elem_id="model-info")
         chat = gr.Chatbot(elem_id="chat", height=380, feedback_options=None, label="Conversation")
@@ -232,7 +235,7 @@ def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConf
         last = gr.State(None)
 
         ask = dict(
-            fn=respond,
+            fn=_responder(bot),
             inputs=[question, chat, do_sample, temperature, top_k, top_p, rep, max_new],
             outputs=[chat, question, last, status],
             concurrency_limit=cfg.concurrency,
@@ -240,8 +243,8 @@ def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConf
         )
         send.click(**ask, api_name="ask")
         question.submit(**ask, api_name=False)
-        up.click(rate(1), [last, correction], [status, correction], api_name="thumbs_up")
-        down.click(rate(-1), [last, correction], [status, correction], api_name="thumbs_down")
+        up.click(_rater(bot, store, 1), [last, correction], [status, correction], api_name="thumbs_up")
+        down.click(_rater(bot, store, -1), [last, correction], [status, correction], api_name="thumbs_down")
     app.queue(max_size=cfg.max_queue)
     return app
 

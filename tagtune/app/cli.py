@@ -26,8 +26,8 @@ from typing import Annotated, Any
 
 import typer
 
-from tagtune.config import GenerationConfig, Params, load_params
-from tagtune.errors import TagtuneError
+from tagtune.config import GenerationConfig, Params, load_params, write_overrides
+from tagtune.errors import TagtuneError, error_line, one_line
 
 app = typer.Typer(
     name="tagtune",
@@ -50,12 +50,6 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return "; ".join(lines)
-
-
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Every failure: `tagtune <command>: error: <one line>` on stderr, exit 1 (130 on Ctrl-C)."""
 
@@ -73,8 +67,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
             if os.environ.get("TAGTUNE_DEBUG"):
                 raise
-            kind = "" if isinstance(e, TagtuneError) else f"{type(e).__name__}: "
-            print(f"tagtune {name}: error: {kind}{_one_line(e)}", file=sys.stderr)
+            print(error_line(name, e), file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -107,7 +100,7 @@ def _model_uri(p: Params, version: str | None, alias: str | None) -> str:
 
 
 def _chatbot(p: Params, version: str | None, alias: str | None, model_dir: Path | None):
-    from tagtune.serving import Chatbot
+    from tagtune.app.chat import Chatbot
 
     if model_dir is not None:
         return Chatbot.from_dir(model_dir)
@@ -135,7 +128,7 @@ def _sample_question(p: Params) -> str | None:
     from tagtune.io import read_jsonl
 
     for split in ("test", "train"):
-        path = Path(p.paths.splits) / f"{split}.jsonl"
+        path = p.paths.split / f"{split}.jsonl"
         if path.is_file():
             for row in read_jsonl(path):
                 if row.get("question"):
@@ -145,12 +138,12 @@ def _sample_question(p: Params) -> str | None:
 
 def _version_metrics(p: Params, version: str) -> str:
     """`tuned.answer_f1=0.61 (base 0.12), ...` from the version's `metric.*` tags (register writes them)."""
-    from tagtune import tracking
+    from tagtune.registry import version_metrics
 
-    tags = tracking.client(p.mlflow).get_model_version(p.register.model_name, version).tags
+    metrics = version_metrics(p.register.model_name, version, p.mlflow)
     shown = []
     for name in dict.fromkeys((p.register.metric, "perplexity", "refusal_rate")):
-        tuned, base = tags.get(f"metric.tuned.{name}"), tags.get(f"metric.base.{name}")
+        tuned, base = metrics.get(f"tuned.{name}"), metrics.get(f"base.{name}")
         if tuned is not None:
             shown.append(f"tuned.{name}={tuned}" + (f" (base {base})" if base is not None else ""))
     return ", ".join(shown)
@@ -158,7 +151,7 @@ def _version_metrics(p: Params, version: str) -> str:
 
 def _print_champion(p: Params) -> None:
     """`champion: <name> vN` and one answer from it, straight from the registry."""
-    from tagtune.serving import Chatbot
+    from tagtune.app.chat import Chatbot
     from tagtune.tracking import TrackingError
 
     uri = f"models:/{p.register.model_name}@champion"
@@ -167,7 +160,7 @@ def _print_champion(p: Params) -> None:
     except TrackingError:
         raise
     except TagtuneError as e:  # no @champion (yet): every version so far lost the gate
-        print(f"champion: none yet ({_one_line(e)})")
+        print(f"champion: none yet ({one_line(e)})")
         return
     print(f"champion: {p.register.model_name} v{bot.info['version']} ({uri})")
     if metrics := _version_metrics(p, bot.info["version"]):
@@ -199,17 +192,19 @@ def run(
     sample: Annotated[bool, typer.Option(help="print the champion's answer to a test question")] = True,
 ) -> None:
     """Run the pipeline as a Prefect flow (skips what DVC says is up to date)."""
-    from flows.pipeline import STAGES, pipeline
+    from flows.pipeline import pipeline
+    from stages import STAGES
 
-    load_params(params, set_)  # bad params or overrides: one line, before Prefect starts
+    # bad params or overrides: one line, before Prefect starts; overrides land in params.yaml
+    # (like `dvc exp run -S`), so the flow reads them from there
+    if changed := write_overrides(params, set_ or []):
+        print(f"params.yaml updated (like `dvc exp run -S`): {', '.join(changed)}")
+    p = load_params(params)
     if bad := [s for s in stage or [] if s not in STAGES]:
         raise TagtuneError(f"--stage {', '.join(bad)}: no such stage (stages: {', '.join(STAGES)})")
     _prefect_console()
-    summary = pipeline(
-        params_path=str(params), overrides=set_ or None, repo_dir=os.getcwd(), force=force, only=stage or None
-    )
+    summary = pipeline(params_path=str(params), repo_dir=os.getcwd(), force=force, only=stage or None)
     _print_summary(summary)
-    p = load_params(params)
     if sample and "register" in summary["stages"]:
         _print_champion(p)
 
@@ -217,11 +212,12 @@ def run(
 @app.command()
 @_errors
 def stage(
-    name: Annotated[str, typer.Argument(help="ingest | format | split | finetune | evaluate | register")],
+    name: Annotated[str, typer.Argument(help="a stage of the pipeline: ingest, format, ... register")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one stage now (even if up to date) and record it in dvc.lock."""
-    from flows.pipeline import STAGES, pipeline
+    from flows.pipeline import pipeline
+    from stages import STAGES
 
     load_params(params)
     if name not in STAGES:
@@ -286,9 +282,9 @@ def chat(
             {**p.evaluate.generation.model_dump(), **{k: v for k, v in given.items() if v is not None}}
         )
     except ValueError as e:
-        raise TagtuneError(f"generation flags: {_one_line(e)}") from None
+        raise TagtuneError(f"generation flags: {one_line(e)}") from None
     bot = _chatbot(p, version, alias, model_dir)
-    from tagtune.ui import model_label
+    from tagtune.app.chat import model_label
 
     print(f"tagtune chat: {model_label(bot.info)}", file=sys.stderr)
     questions = question or None
@@ -330,7 +326,7 @@ def pull(
     alias: AliasOpt = None,
 ) -> None:
     """Write a registered version to a local directory (an MLflow model dir; HF model inside)."""
-    from tagtune.serving import pull as pull_model
+    from tagtune.registry import pull as pull_model
 
     p = load_params(params)
     uri = _model_uri(p, version, alias)
@@ -349,7 +345,7 @@ def ui(
     port: Annotated[int | None, typer.Option(help="default: ui.port")] = None,
 ) -> None:
     """Serve the Gradio chat page with feedback (Ctrl-C to stop)."""
-    from tagtune.ui import serve
+    from tagtune.app.ui import serve
 
     p = load_params(params)
     serve(p, _chatbot(p, version, alias, model_dir), host, port)

@@ -1,0 +1,175 @@
+"""The MLflow pyfunc model a registered version is: questions in, answers (or labels) out.
+
+    mlflow models serve -m models:/tagtune-town@champion --env-manager local -p 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"inputs": ["When does the museum open?"]}'
+
+A registered version is a `TagtuneModel` whose artifacts are the complete HF model directory
+(`artifacts/model/`: safetensors + tokenizer) and the template facts (`artifacts/template.json`), with
+tagtune's library code inside (`code/tagtune/`, never the stages or the app), so it loads offline:
+
+    model = mlflow.pyfunc.load_model("models:/tagtune-town@champion")
+    model.predict(["When does the museum open?"])                 # -> ["The museum opens at 9 am."]
+    model.predict(pd.DataFrame({"question": [...]}))              # -> DataFrame with an `answer` column
+    model.predict([...], params={"max_new_tokens": 32})           # per-call generation overrides
+
+Generation defaults are stored in the model (`model_config`, from `evaluate.generation` at register
+time); `params` override them per call. Prompts are rendered with `tagtune.templates.render_prompt`,
+the same renderer training used, and answers come from `tagtune.generation.generate_answers`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from tagtune.config import GenerationConfig
+from tagtune.generation import classify, generate_answers
+from tagtune.models import load_saved
+from tagtune.templates import render_prompt
+
+MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of the HF model directory
+TEMPLATE_ARTIFACT = "template"  # pyfunc artifact key of template.json
+GEN_KEYS = tuple(GenerationConfig.model_fields)
+
+
+# -------------------------------------------------------------------------------------- pyfunc model
+def _questions(model_input: Any) -> tuple[list[str], bool]:
+    """(questions, answer with a DataFrame) from a list/array/Series/str/dict or a DataFrame."""
+    if isinstance(model_input, pd.DataFrame):
+        # MLflow turns a plain list into a one-column frame (column 0): answer that with a list
+        if "question" in model_input.columns:
+            return [str(q) for q in model_input["question"].tolist()], True
+        return [str(q) for q in model_input.iloc[:, 0].tolist()], False
+    if isinstance(model_input, str):
+        return [model_input], False
+    if isinstance(model_input, dict):
+        model_input = model_input.get("question", model_input.get("inputs", []))
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    return [str(q[0] if isinstance(q, (list, tuple)) else q) for q in model_input], False
+
+
+class TagtuneModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: questions in, answers out (labels for a classification model)."""
+
+    def load_context(self, context) -> None:
+        self.template = json.loads(Path(context.artifacts[TEMPLATE_ARTIFACT]).read_text(encoding="utf-8"))
+        self.config = dict(context.model_config or {})
+        self.task = self.template.get("task", "causal_lm")
+        self.model, self.tokenizer = load_saved(context.artifacts[MODEL_ARTIFACT], self.task)
+
+    def _generation(self, params: dict[str, Any] | None) -> GenerationConfig:
+        stored = {k: v for k, v in self.config.items() if k in GEN_KEYS}
+        override = {k: v for k, v in (params or {}).items() if k in GEN_KEYS and v is not None}
+        return GenerationConfig.model_validate({**stored, **override})
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        """Answer each question; a DataFrame input gets a DataFrame with an `answer` column back.
+
+        MLflow hands every input over as a DataFrame (a plain list becomes column 0); the DataFrame
+        hint also tells MLflow not to infer a schema from type hints (the signature is explicit).
+        """
+        questions, as_frame = _questions(model_input)
+        if self.task == "classification":
+            answers = classify(self.model, self.tokenizer, questions, int(self.config.get("batch_size", 16)))
+        else:
+            prompts = [render_prompt(q, self.template, self.tokenizer) for q in questions]
+            batch = int((params or {}).get("batch_size") or self.config.get("batch_size", 16))
+            answers = [
+                a.text
+                for a in generate_answers(
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    self._generation(params),
+                    self.template.get("end_marker"),
+                    batch,
+                )
+            ]
+        return pd.DataFrame({"answer": answers}) if as_frame else answers
+
+
+_ENTRY = """# MLflow models-from-code entry point (no pickled Python object): tagtune's code is in code/.
+import mlflow.models
+
+from tagtune.pyfunc import TagtuneModel
+
+mlflow.models.set_model(TagtuneModel())
+"""
+
+
+def _code_snapshot(dest: Path) -> list[str]:
+    """Copy the library (tagtune/*.py — not the app layer, which a served model never imports) into `dest`."""
+    package = Path(__file__).resolve().parent
+    (dest / "tagtune").mkdir(parents=True)
+    for f in package.glob("*.py"):
+        shutil.copy2(f, dest / "tagtune" / f.name)
+    return [str(dest / "tagtune")]
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the serving environment (for `--env-manager virtualenv|uv`)."""
+    import importlib.metadata as md
+
+    out = []
+    for dist in (
+        "mlflow",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "pydantic",
+        "pyyaml",
+        "pandas",
+    ):
+        try:
+            out.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def log_pyfunc_model(
+    model_dir: Path,
+    template_path: Path,
+    gen: GenerationConfig,
+    batch_size: int = 16,
+    tags: dict[str, str] | None = None,
+):
+    """Log `model_dir` + `template_path` as a TagtuneModel to the active MLflow run; returns ModelInfo.
+
+    Call inside `tagtune.tracking.active_run`. The signature declares the generation params, so
+    `predict(..., params=...)` and the REST API (`{"inputs": [...], "params": {...}}`) accept them.
+    """
+    import tempfile
+
+    from mlflow.models import infer_signature
+
+    config = {**gen.model_dump(), "batch_size": batch_size}
+    signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
+    with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
+        # an input example would make MLflow load the model and generate once more at log time
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        entry = Path(tmp) / "tagtune_model.py"
+        entry.write_text(_ENTRY, encoding="utf-8")
+        model_dir = Path(model_dir)
+        if model_dir.is_symlink() or any(p.is_symlink() for p in model_dir.rglob("*")):
+            # MLflow refuses artifacts that resolve outside their folder (e.g. DVC's symlink cache)
+            model_dir = Path(shutil.copytree(model_dir, Path(tmp) / "model", symlinks=False))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(entry),
+            artifacts={MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_path)},
+            model_config=config,
+            signature=signature,
+            code_paths=_code_snapshot(Path(tmp)),
+            pip_requirements=_requirements(),
+            tags=tags,
+        )
