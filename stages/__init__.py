@@ -13,6 +13,7 @@ pipeline order; DVC (through `python -m stages.<name>`, i.e. `main` below), the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -20,23 +21,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages import evaluate, finetune, format, ingest, register, split
 from tagtune.config import Params, load_params
 from tagtune.errors import TagtuneError, error_line
 
 StageRun = Callable[[Params, Path], dict[str, Any]]
 
+
+def _entry(stage: str, function: str = "run") -> StageRun:
+    """`stages.<stage>.<function>`, imported when first called.
+
+    Importing every stage here would make `python -m stages.<name>` load <name> twice (runpy warns
+    about it), and a stage's heavy imports would load with the table.
+    """
+
+    def call(params: Params, root: Path) -> dict[str, Any]:
+        return getattr(importlib.import_module(f"stages.{stage}"), function)(params, root)
+
+    call.__name__ = call.__qualname__ = f"{stage}.{function}"
+    return call
+
+
 STAGES: dict[str, StageRun] = {
-    "ingest": ingest.run,
-    "format": format.run,
-    "split": split.run,
-    "finetune": finetune.run,
-    "evaluate": evaluate.run,
-    "register": register.run,
+    name: _entry(name) for name in ("ingest", "format", "split", "finetune", "evaluate", "register")
 }
 # What DVC cannot hash, checked before the stage (`--check`): a check that finds the stage's recorded
 # output stale deletes it, so `dvc repro` and the flow run the stage again.
-CHECKS: dict[str, StageRun] = {"register": register.check}
+CHECKS: dict[str, StageRun] = {"register": _entry("register", "check")}
 
 
 def main(name: str, argv: list[str] | None = None) -> int:
