@@ -179,6 +179,7 @@ def headline(name: str, result: dict[str, Any] | None) -> str:
         "ingest": ("rows", "skipped"),
         "format": ("examples", "refusal_rows", "exact_duplicates"),
         "split": ("train", "val", "test"),
+        "index": ("facts", "knowledge_facts"),
         "finetune": ("steps", "train_loss", "val_loss", "wall_time_s"),
         "evaluate": (),
         "register": ("version", "alias", "decision"),

@@ -13,6 +13,10 @@ Writes `paths.evaluate/` (atomically):
       F1), `rougeL` (rouge-score F-measure), `false_refusal_rate` (answered with the refusal);
     - on `refusal` rows (out-of-domain questions): `refusal_rate` (the answer is, or contains, the
       refusal answer after normalisation);
+    - on in-domain and out-of-domain rows: `confident_wrong_rate` (a wrong answer — in-domain F1 < 0.5,
+      or any answer out of domain — that is not the refusal: what users feel as "invented");
+    - grounded models: `retrieval_recall` (the right fact among the facts in the prompt), the same
+      metrics before abstention (`*_without_abstention`), and `abstain.threshold` (chosen on val);
     - on every generated answer: `repetition_rate` (mean share of word n-grams, n =
       `evaluate.repetition_ngram`, that repeat an earlier n-gram of the same answer — 0 for a clean
       answer, →1 for a loop), `truncation_rate` (hit `max_new_tokens` without end marker/EOS),
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,9 @@ from tagtune.encoding import IGNORE_INDEX, PadCollator, encode_example
 from tagtune.errors import DataError
 from tagtune.generation import Answer
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
-from tagtune.templates import read_template
-from tagtune.text import normalize, stable_hash
+from tagtune.retrieval import FactIndex
+from tagtune.templates import read_template, refusal_answer
+from tagtune.text import exact_match, normalize, stable_hash, token_f1, words
 
 IN_DOMAIN = ("qa", "chat")
 SIDES = ("tuned", "base")
@@ -53,36 +57,14 @@ SIDES = ("tuned", "base")
 LOWER_IS_BETTER = {
     "eval_loss",
     "perplexity",
+    "confident_wrong_rate",
     "false_refusal_rate",
     "repetition_rate",
     "truncation_rate",
 }
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 # ------------------------------------------------------------------------------- answer-level scores
-def words(text: str) -> list[str]:
-    """Casefolded word tokens (what F1, exact match and repetition count)."""
-    return _WORD.findall(text.casefold())
-
-
-def exact_match(answer: str, reference: str) -> float:
-    """1.0 if the answers are equal after normalisation (case, spacing, edge punctuation)."""
-    return float(normalize(answer) == normalize(reference))
-
-
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style token F1 (bag of words overlap); two empty answers score 1."""
-    a, r = words(answer), words(reference)
-    if not a or not r:
-        return float(a == r)
-    common = sum((Counter(a) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(a), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
 _ROUGE = None
 
 
@@ -123,7 +105,35 @@ def score_answer(answer: Answer, row: dict[str, Any], refusal: str | None, ngram
         "stopped": answer.stopped,
         "new_tokens": answer.new_tokens,
         "words": len(words(answer.text)),
+        "logprob": None if answer.logprob is None else round(answer.logprob, 6),
     }
+
+
+def is_confident_wrong(rec: dict[str, Any]) -> bool:
+    """A scored answer that is wrong (in-domain F1 < 0.5, or any answer out of domain) and not a refusal."""
+    return not rec["refused"] and (rec["kind"] == "refusal" or rec["f1"] < 0.5)
+
+
+def choose_threshold(scored: list[dict[str, Any]], max_wrong: float) -> float | None:
+    """The lowest confidence threshold whose confident-wrong rate on `scored` is at most `max_wrong`.
+
+    Answers below the threshold become the refusal; the lowest such threshold answers the most
+    questions. None when the answers already meet the target (no abstention needed). Refusing every
+    answer always meets it, so there is always a threshold.
+    """
+    gen = [r for r in scored if r.get("answer") is not None and r["kind"] in (*IN_DOMAIN, "refusal")]
+    if not gen:
+        return None
+    wrong = sum(is_confident_wrong(r) for r in gen)
+    if wrong <= max_wrong * len(gen):
+        return None
+    # raise the threshold past one answered answer at a time, least confident first
+    answered = sorted((r for r in gen if not r["refused"]), key=lambda r: r["logprob"])
+    for r in answered:
+        wrong -= is_confident_wrong(r)
+        if wrong <= max_wrong * len(gen):
+            break
+    return math.nextafter(r["logprob"], math.inf)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -148,6 +158,11 @@ def aggregate(scored: list[dict[str, Any]], has_refusal: bool) -> dict[str, floa
     if has_refusal:
         out["refusal_rate"] = _mean([float(r["refused"]) for r in ref])
         out["false_refusal_rate"] = _mean([float(r["refused"]) for r in ind])
+    # wrong and said with confidence: an in-domain answer with F1 < 0.5, or any answer to an
+    # out-of-domain question — and not the refusal (what users feel as "invented")
+    out["confident_wrong_rate"] = _mean([float(is_confident_wrong(r)) for r in ind + ref])
+    if any("retrieved" in r for r in ind):
+        out["retrieval_recall"] = _mean([float(r["retrieved"]) for r in ind])
     out["repetition_rate"] = _mean([r["repetition"] for r in gen])
     out["truncation_rate"] = _mean([float(not r["stopped"]) for r in gen])
     out["answer_words"] = _mean([float(r["words"]) for r in gen])
@@ -213,6 +228,21 @@ def answer_losses(
     return out
 
 
+def _grounded(rows: list[dict[str, Any]], index: Any, template: dict, k: int, tokenizer: Any) -> list[dict]:
+    """Rows with retrieved facts in their prompt and loss segments, as the grounded model was trained."""
+    from tagtune.grounding import GROUNDED_KINDS, ground
+    from tagtune.templates import render_turn
+
+    idx = [i for i, r in enumerate(rows) if r["kind"] in GROUNDED_KINDS]
+    found = ground([rows[i]["question"] for i in idx], index, template, k, tokenizer)
+    out = list(rows)
+    for i, g in zip(idx, found, strict=True):
+        context = [h.fact.text for h in g.hits]
+        segments = render_turn(rows[i]["question"], rows[i]["reference"], template, tokenizer, context)
+        out[i] = {**rows[i], "prompt": g.prompt, "segments": segments, "hits": g.hits}
+    return out
+
+
 def _evaluate_causal(
     model: Any,
     tokenizer: Any,
@@ -221,22 +251,23 @@ def _evaluate_causal(
     cfg: EvaluateConfig,
     side: str,
     max_length: int,
+    threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Answers-table rows of one side: loss on the reference answer (the first `max_length` tokens,
-    as finetune trained), then a generated answer."""
+    as finetune trained), then a generated answer — replaced by the refusal below `threshold`."""
+    from dataclasses import replace
+
     from tagtune.generation import generate_answers
+    from tagtune.grounding import abstain, cite
 
     losses = answer_losses(model, tokenizer, rows, max_length, cfg.batch_size)
     gen_idx = [i for i, r in enumerate(rows) if r["kind"] != "text" and r.get("prompt")]
+    prompts = [rows[i]["prompt"] for i in gen_idx]
     answers = generate_answers(
-        model,
-        tokenizer,
-        [rows[i]["prompt"] for i in gen_idx],
-        cfg.generation,
-        template.get("end_marker"),
-        cfg.batch_size,
+        model, tokenizer, prompts, cfg.generation, template.get("end_marker"), cfg.batch_size
     )
     by_row = dict(zip(gen_idx, answers, strict=True))
+    refusal = refusal_answer(template)
     table = []
     for i, r in enumerate(rows):
         rec: dict[str, Any] = {
@@ -250,9 +281,18 @@ def _evaluate_causal(
             "tokens": losses[i][1] if losses[i] else 0,
             "loss": round(losses[i][0] / losses[i][1], 6) if losses[i] else None,
         }
+        if "hits" in r:
+            gold = normalize(r.get("reference", ""))
+            rec["retrieved"] = any(normalize(h.fact.text) == gold for h in r["hits"])
         if i in by_row:
-            rec["answer"] = by_row[i].text
-            rec.update(score_answer(by_row[i], r, template.get("refusal_answer"), cfg.repetition_ngram))
+            raw = by_row[i]
+            final = replace(raw, text=abstain(raw.text, raw.logprob, threshold, template))
+            rec["answer"] = final.text
+            rec.update(score_answer(final, r, refusal, cfg.repetition_ngram))
+            if threshold is not None:
+                rec["raw"] = {"answer": raw.text, **score_answer(raw, r, refusal, cfg.repetition_ngram)}
+            source = cite(final.text, r.get("hits", []))
+            rec["sources"] = source.fact.where if source else None
         table.append(rec)
     return table
 
@@ -281,7 +321,7 @@ def _evaluate_classification(
 def _wide_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per example with `tuned_*` / `base_*` columns side by side (the DVC plot)."""
     per: dict[str, dict[str, Any]] = {}
-    keep = ("answer", "f1", "rougeL", "exact_match", "refused", "loss", "correct")
+    keep = ("answer", "f1", "rougeL", "exact_match", "refused", "loss", "correct", "sources")
     for r in table:
         row = per.setdefault(
             r["id"],
@@ -376,6 +416,51 @@ def _figures(
     return made
 
 
+def coverage_curve(table: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """(confidence threshold, coverage, accuracy) of the tuned side's answers before abstention.
+
+    Answers are taken most confident first; coverage = share of the questions answered (not refused),
+    accuracy = share of the answered that are right (in-domain F1 ≥ 0.5; any answer out of domain is
+    wrong).
+    """
+    rows = [{**r, **r.get("raw", {})} for r in table if r["side"] == "tuned" and r.get("logprob") is not None]
+    rows = [r for r in rows if r["kind"] in (*IN_DOMAIN, "refusal")]
+    answered = sorted((r for r in rows if not r["refused"]), key=lambda r: -r["logprob"])
+    curve, right = [], 0
+    for n, r in enumerate(answered, 1):
+        right += not is_confident_wrong(r)
+        curve.append((r["logprob"], n / len(rows), right / n))
+    return curve
+
+
+def _coverage_figure(dest: Path, table: list[dict[str, Any]], threshold: float | None) -> list[str]:
+    """coverage.png: accuracy vs coverage as the abstention threshold moves (the chosen one marked)."""
+    import matplotlib.pyplot as plt
+
+    curve = coverage_curve(table)
+    if not curve:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([c for _, c, _ in curve], [a for _, _, a in curve], marker=".", label="tuned, grounded")
+    if threshold is not None:
+        kept = [(c, a) for t, c, a in curve if t >= threshold]
+        if kept:
+            ax.scatter(*kept[-1], color="C3", zorder=3, label="threshold chosen on val")
+    ax.set(
+        xlabel="coverage (share of test questions answered)",
+        ylabel="accuracy of the answered",
+        ylim=(0, 1.02),
+    )
+    ax.set_title("abstention: coverage vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    dest.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest / "coverage.png", dpi=110)
+    plt.close(fig)
+    return ["coverage.png"]
+
+
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -404,15 +489,17 @@ def _report(
     for f in figures:
         lines.append(f"![{f[:-4]}](figures/{f})\n")
     lines.append("## Sample answers\n")
-    lines.append("| kind | question | reference | tuned | base |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| kind | question | reference | tuned | tuned's source | base |")
+    lines.append("|---|---|---|---|---|---|")
     wide = _wide_rows(table)
     shown: Counter[str] = Counter()
     for r in wide:
         if shown[r["kind"]] >= 4:
             continue
         shown[r["kind"]] += 1
-        cells = [r["kind"], r["question"], r["reference"], r.get("tuned_answer"), r.get("base_answer")]
+        cells = [
+            r["kind"], r["question"], r["reference"], r.get("tuned_answer"), r.get("tuned_sources"), r.get("base_answer")
+        ]  # fmt: skip
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -447,16 +534,47 @@ def _classification_sides(
     return table, metrics, confusion
 
 
+RAW_METRICS = ("answer_f1", "confident_wrong_rate", "refusal_rate", "false_refusal_rate")
+
+
+def _calibrate(
+    model: Any, tok: Any, val: list[dict], template: dict, cfg: EvaluateConfig, max_length: int
+) -> dict:
+    """The abstention threshold, chosen on the val split's grounded answers (see `choose_threshold`)."""
+    scored = _evaluate_causal(model, tok, val, template, cfg, "val", max_length)
+    threshold = choose_threshold(scored, cfg.max_confident_wrong)
+    out = {"abstain.val_questions": float(sum(r["answer"] is not None for r in scored))}
+    return out if threshold is None else {**out, "abstain.threshold": threshold}
+
+
 def _causal_sides(
-    model: Any, tok: Any, rows: list[dict[str, Any]], template: dict, cfg: EvaluateConfig, training: dict
+    model: Any,
+    tok: Any,
+    rows: list[dict[str, Any]],
+    template: dict,
+    cfg: EvaluateConfig,
+    training: dict,
+    val: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """(answers table, metrics): the tuned model, then (compare_base) the base model it started from."""
+    """(answers table, metrics): the tuned model, then (compare_base) the base model it started from.
+
+    `val` (grounded models): the rows the abstention threshold is chosen on; the tuned side's answers
+    below it become the refusal (`tuned.*`), and the metrics without abstention are kept too.
+    """
     from tagtune.models import load_saved
 
-    has_refusal = bool(template.get("refusal_answer"))
+    has_refusal = bool(template.get("refusal_answer")) or val is not None
     max_length = training["max_length"]  # the tokens finetune trained: perplexity measures the same
-    table = _evaluate_causal(model, tok, rows, template, cfg, "tuned", max_length)
-    metrics = {f"tuned.{k}": v for k, v in aggregate(table, has_refusal).items()}
+    metrics: dict[str, float] = {}
+    threshold = None
+    if val:
+        metrics.update(_calibrate(model, tok, val, template, cfg, max_length))
+        threshold = metrics.get("abstain.threshold")
+    table = _evaluate_causal(model, tok, rows, template, cfg, "tuned", max_length, threshold)
+    metrics.update({f"tuned.{k}": v for k, v in aggregate(table, has_refusal).items()})
+    if val:
+        raw = aggregate([{**r, **r.get("raw", {})} for r in table], has_refusal)
+        metrics.update({f"tuned.{k}_without_abstention": raw[k] for k in RAW_METRICS if k in raw})
     if cfg.compare_base:
         del model
         base_model, base_tok = load_saved(training["base_model_dir"])
@@ -469,7 +587,12 @@ def _causal_sides(
 
 
 def evaluate(
-    splits: Path, finetuned: Path, out_dir: Path, cfg: EvaluateConfig, mlflow_cfg: MlflowConfig | None = None
+    splits: Path,
+    finetuned: Path,
+    out_dir: Path,
+    cfg: EvaluateConfig,
+    mlflow_cfg: MlflowConfig | None = None,
+    index: Path | None = None,
 ) -> dict[str, float]:
     """Evaluate finetune's model and its base model on `splits/test.jsonl`.
 
@@ -480,6 +603,8 @@ def evaluate(
         cfg: the `evaluate:` section.
         mlflow_cfg: log metrics, the answers table and the report to finetune's MLflow run;
             None disables MLflow.
+        index: the index stage's directory; a model trained grounded answers with its facts in the
+            prompt, and abstains below the threshold chosen on the val split.
 
     Returns:
         The metrics (also metrics.json).
@@ -503,13 +628,23 @@ def evaluate(
     if task == "classification":
         table, metrics, confusion = _classification_sides(model, tok, rows, cfg, training, splits)
     else:
-        table, metrics = _causal_sides(model, tok, rows, template, cfg, training)
+        val = None
+        if training.get("grounded"):
+            facts, k = FactIndex.load(index), training["grounded"]["k"]
+            rows = _grounded(rows, facts, template, k, tok)
+            val = _grounded(read_jsonl(splits / "val.jsonl"), facts, template, k, tok)
+        table, metrics = _causal_sides(model, tok, rows, template, cfg, training, val)
     for key in [k for k in metrics if k.startswith("tuned.")]:
         name = key.split(".", 1)[1]
         if f"base.{name}" in metrics:
             metrics[f"delta.{name}"] = round(metrics[key] - metrics[f"base.{name}"], 6)
     for r in table:
         r.pop("nll", None)
+    if not all(math.isfinite(v) for k, v in metrics.items() if k != "abstain.threshold"):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k != "abstain.threshold")
+        raise DataError(
+            finetuned, None, f"the model gives non-finite metrics {bad}: it is broken (NaN weights?)"
+        )
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -517,6 +652,7 @@ def evaluate(
         write_jsonl(tmp / "answers.jsonl", table)
         _write_csv(tmp / "answers.csv", _wide_rows(table))
         figures = _figures(tmp / "figures", metrics, finetuned, confusion)
+        figures += _coverage_figure(tmp / "figures", table, metrics.get("abstain.threshold"))
         (tmp / "report.md").write_text(_report(metrics, training, figures, table), encoding="utf-8")
 
     if mlflow_cfg is not None:
@@ -552,7 +688,12 @@ def _log_to_mlflow(
 def run(p: Params, root: Path) -> dict[str, float]:
     paths = p.paths
     return evaluate(
-        root / paths.split, root / paths.finetune, root / paths.evaluate, p.evaluate, p.mlflow.for_runs()
+        root / paths.split,
+        root / paths.finetune,
+        root / paths.evaluate,
+        p.evaluate,
+        p.mlflow.for_runs(),
+        root / paths.index,
     )
 
 

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params
+from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params, RetrievalConfig
 from tagtune.encoding import PadCollator, build_cls_features, build_lm_features
 from tagtune.errors import DataError, TagtuneError
+from tagtune.grounding import training_segments
 from tagtune.io import atomic_path, read_jsonl, write_json
+from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
 from tagtune.text import stable_hash
 
@@ -241,12 +243,35 @@ class _Data:
     dropped: int
 
 
-def _features(splits: Path, cfg: FinetuneConfig, tokenizer: Any) -> _Data:
-    """Tokenise train and val for `cfg.task` (labels masked as encoding.py says)."""
+def is_grounded(retrieval: RetrievalConfig | None, cfg: FinetuneConfig, template: dict[str, Any]) -> bool:
+    """Whether this run trains with retrieved facts in the prompt (Q&A templates of causal LMs only)."""
+    return bool(
+        retrieval and retrieval.enabled and cfg.task == "causal_lm" and template["template"] != "text"
+    )
+
+
+def _ground(
+    train: list[dict], val: list[dict], template: dict, retrieval: RetrievalConfig, seed: int, tokenizer: Any
+) -> tuple[list[dict], list[dict]]:
+    """Train and val examples with retrieved facts in their prompts (tagtune/grounding.py)."""
+    index = FactIndex(facts_from_examples(train))  # the train facts, as the index stage sees them
+    k, absent = retrieval.k, retrieval.gold_absent
+    return (
+        training_segments(train, index, template, k, absent, seed, tokenizer),
+        training_segments(val, index, template, k, absent, seed, tokenizer),
+    )
+
+
+def _features(
+    splits: Path, cfg: FinetuneConfig, tokenizer: Any, template: dict, retrieval: RetrievalConfig | None
+) -> _Data:
+    """Tokenise train and val for `cfg.task` (labels masked as encoding.py says; grounded if asked)."""
     train = read_jsonl(splits / "train.jsonl")
     val = read_jsonl(splits / "val.jsonl")
     if not train:
         raise DataError(splits / "train.jsonl", None, "train split is empty")
+    if is_grounded(retrieval, cfg, template):
+        train, val = _ground(train, val, template, retrieval, cfg.seed, tokenizer)
     if cfg.task == "classification":
         labels = sorted({ex["label"] for ex in train})
         train_f = build_cls_features(train, tokenizer, cfg.max_length, labels)
@@ -259,8 +284,13 @@ def _features(splits: Path, cfg: FinetuneConfig, tokenizer: Any) -> _Data:
         val_f, _ = build_lm_features(val, tokenizer, cfg.max_length)
         data = _Data(train_f, val_f, [], counts["truncated"], counts["dropped"])
     if not data.train:
+        hint = (
+            " (grounded prompts carry retrieval.k facts: raise it or lower retrieval.k)" if retrieval else ""
+        )
         raise DataError(
-            splits / "train.jsonl", None, f"no example has a trained token within max_length={cfg.max_length}"
+            splits / "train.jsonl",
+            None,
+            f"no example has a trained token within finetune.max_length={cfg.max_length}{hint}",
         )
     return data
 
@@ -430,12 +460,15 @@ def _facts(
     }
 
 
-def _fingerprint(splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[str, str]:
+def _fingerprint(
+    splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig, grounded: RetrievalConfig | None
+) -> tuple[str, str]:
     """(digest of the training data, fingerprint of data + params + base): what checkpoints belong to."""
     data_digest = stable_hash(
         *((splits / f).read_text(encoding="utf-8") for f in ("train.jsonl", "val.jsonl", "template.json"))
     )
-    return data_digest, stable_hash(data_digest, cfg.model_dump_json(), model_cfg.base)[:16]
+    how = cfg.model_dump_json() + (grounded.model_dump_json() if grounded else "")
+    return data_digest, stable_hash(data_digest, how, model_cfg.base)[:16]
 
 
 def _trainer(
@@ -494,6 +527,7 @@ def finetune(
     model_cfg: ModelConfig,
     checkpoints: Path,
     mlflow_cfg: MlflowConfig | None = None,
+    retrieval: RetrievalConfig | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_cfg.base` on `splits/train.jsonl`.
 
@@ -504,16 +538,18 @@ def finetune(
         model_cfg: the `model:` section (base model spec, pickle policy, cache).
         checkpoints: resumable Trainer checkpoints (kept across runs with the same fingerprint).
         mlflow_cfg: where to log params and step metrics; None disables MLflow.
+        retrieval: the `retrieval:` section; enabled → train grounded (tagtune/grounding.py).
 
     Returns:
         Training facts (also written to training.json).
     """
     splits, out_dir, checkpoints = Path(splits), Path(out_dir), Path(checkpoints)
     template, base_dir, tokenizer, new_tokens = _setup(splits, cfg, model_cfg)
-    data = _features(splits, cfg, tokenizer)
+    grounded = retrieval if is_grounded(retrieval, cfg, template) else None
+    data = _features(splits, cfg, tokenizer, template, grounded)
     precision = resolve_precision(cfg.precision, cfg.method)
 
-    data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg)
+    data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg, grounded)
     resume = resume_point(checkpoints, fingerprint)
     resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
     finished = bool(resume and cfg.max_steps and resumed_step >= cfg.max_steps)
@@ -549,6 +585,7 @@ def finetune(
         "base_model": model_cfg.base,
         "base_model_dir": base_dir,
         "max_length": cfg.max_length,
+        "grounded": grounded.model_dump() if grounded else None,  # evaluate and serving retrieve the same way
         "resumed_from_step": resumed_step,
         "trainable_params": trainable,
         "total_params": total,
@@ -583,6 +620,7 @@ def run(p: Params, root: Path) -> dict[str, Any]:
         p.model,
         root / paths.checkpoints,
         p.mlflow.for_runs(),
+        p.retrieval,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from tagtune.config import FormatConfig, Params
 from tagtune.errors import DataError
 from tagtune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from tagtune.templates import Renderer, renderer, template_facts, write_template
+from tagtune.templates import Renderer, refusal_answer, renderer, template_facts, write_template
 from tagtune.text import normalize, stable_hash
 
 TRAIN_MARK = ("⟦", "⟧")  # how preview.md marks the trained spans
@@ -86,6 +86,8 @@ def _rendered(
     examples: list[dict[str, Any]] = []
     keys: list[tuple[str, str]] = []
     for row in rows:
+        if row.get("kind") == "refusal":  # defines the refusal answer (see `_refusal`), not an example
+            continue
         if row.get("kind") == "classification":
             examples.append(
                 {
@@ -105,12 +107,20 @@ def _rendered(
             raise DataError(source, None, f"row with unknown kind {row.get('kind')!r}")
         keys.append(_content_keys(row))
     if cfg.refusal is not None and cfg.refusal.questions:
+        answer = refusal_answer({"refusal_answer": _refusal(rows, cfg)})
         for line, q in _read_refusal_questions(base_dir / cfg.refusal.questions):
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": cfg.refusal.answer}]
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
             row = {"source": cfg.refusal.questions, "line": line, "messages": msgs, "kind": "chat"}
             examples.append(_example(row, "refusal", render, cfg))
             keys.append(_content_keys(row))
     return examples, keys
+
+
+def _refusal(rows: list[dict[str, Any]], cfg: FormatConfig) -> str | None:
+    """The refusal answer: `format.refusal.answer`, else the one the data defines, else None (default)."""
+    if cfg.refusal is not None and cfg.refusal.answer:
+        return cfg.refusal.answer
+    return next((r["text"] for r in rows if r.get("kind") == "refusal"), None)
 
 
 def _dedupe(
@@ -173,7 +183,7 @@ def format_examples(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / "examples.jsonl", kept)
-        write_template(tmp, template_facts(cfg, task))
+        write_template(tmp, template_facts(cfg, task, _refusal(rows, cfg)))
         write_json(tmp / "stats.json", stats)
         (tmp / "preview.md").write_text(_preview(kept, cfg), encoding="utf-8")
     return stats

@@ -14,7 +14,8 @@ Formats (`format: auto` picks one from the extension and the columns):
 
 - `text`: one example per non-blank line
 - `qa`: question/answer columns (+ optional group) from .csv/.jsonl/.json/.parquet
-- `tagged`: the seed format, `What is X? <QUESTION>` newline `X is Y. <END>`
+- `tagged`: the seed format, `What is X? <QUESTION>` newline `X is Y. <END>`; a block with no question
+  (`<QUESTION>` newline `Sorry, I only know about X. <END>`) defines the refusal answer (kind `refusal`)
 - `guanaco`: `### Human: … ### Assistant: …`, one conversation per line or per `text` value
 - `openorca`: system_prompt (may be empty), question, response columns
 - `messages`: a `messages`/`conversations` list, OpenAI `{role, content}` or ShareGPT `{from, value}`
@@ -51,6 +52,7 @@ Record = dict[str, Any] | str  # a table row, or one line / block of a text file
 Records = Iterator[tuple[int, Record | _Invalid]]  # (line or 1-based record index, record)
 
 MAX_SKIPPED_EXAMPLES = 5
+KNOWLEDGE = "knowledge.jsonl"  # rows of the `train: false` sources (written only when there are some)
 TABLE_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 DB_EXTENSIONS = (".db", ".sqlite", ".sqlite3")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -131,10 +133,10 @@ def _qa_row(rec: Record, src: SourceConfig) -> dict[str, Any]:
 
 def _tagged_row(rec: Record, src: SourceConfig) -> dict[str, Any]:
     assert isinstance(rec, dict)  # _tagged_blocks yields {"question", "answer"}
-    if not rec["question"]:
-        raise _Invalid(f"empty question before {src.question_tag}")
     if not rec["answer"]:
         raise _Invalid(f"empty answer before {src.end_tag}")
+    if not rec["question"]:  # seed 000: a block with no question defines the refusal answer
+        return {"kind": "refusal", "text": rec["answer"], "group": None}
     return _chat([("user", rec["question"]), ("assistant", rec["answer"])])
 
 
@@ -557,9 +559,9 @@ def _missing(src: SourceConfig) -> dict[str, Any]:
     return {"source": src.path or src.url, "format": src.format, "rows": 0, "skipped": 0, "missing": True}
 
 
-def _rows(cfg: IngestConfig, base_dir: Path, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every row of every source, in order; fills `stats` as it goes."""
-    for src in cfg.sources:
+def _rows(cfg: IngestConfig, base_dir: Path, stats: dict[str, Any], train: bool) -> Iterator[dict[str, Any]]:
+    """Every row of every source with `train` as given, in order; fills `stats` as it goes."""
+    for src in (s for s in cfg.sources if s.train == train):
         if src.format == "sql":
             opened = _open_sql(src, base_dir)
             if opened is None:
@@ -575,7 +577,10 @@ def _rows(cfg: IngestConfig, base_dir: Path, stats: dict[str, Any]) -> Iterator[
 
 
 def ingest(cfg: IngestConfig, out_dir: Path, base_dir: Path = Path(".")) -> dict[str, Any]:
-    """Read every source in cfg.sources (paths relative to base_dir) into out_dir/rows.jsonl + out_dir/stats.json; return the stats dict.
+    """Read every source in cfg.sources (paths relative to base_dir) into out_dir; return the stats.
+
+    Training sources go to `rows.jsonl`; sources with `train: false` (facts to answer from, never
+    trained on), if any, to `knowledge.jsonl`, which only the index stage reads. Stats go to `stats.json`.
 
     Raises:
         DataError: bad input, as `file:line: problem`; nothing is written at out_dir.
@@ -583,15 +588,21 @@ def ingest(cfg: IngestConfig, out_dir: Path, base_dir: Path = Path(".")) -> dict
     """
     if not cfg.sources:
         raise ConfigError("ingest.sources is empty: add at least one source (see params.yaml)")
+    if not any(s.train for s in cfg.sources):
+        raise ConfigError(
+            "ingest.sources: every source has `train: false`; at least one must train the model"
+        )
     base_dir = Path(base_dir)
     stats: dict[str, Any] = {"rows": 0, "sources": [], "skipped": 0, "skipped_examples": []}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         # Rows stream straight to disk (public datasets can be large); atomic_path discards the
         # partial directory if any source turns out bad.
-        stats["rows"] = write_jsonl(tmp / "rows.jsonl", _rows(cfg, base_dir, stats))
+        stats["rows"] = write_jsonl(tmp / "rows.jsonl", _rows(cfg, base_dir, stats, train=True))
         if not stats["rows"]:
             raise ConfigError("ingest.sources: no rows, every source is optional and missing")
+        if any(not s.train for s in cfg.sources):  # facts for the index only (stages/index.py)
+            stats["knowledge_rows"] = write_jsonl(tmp / KNOWLEDGE, _rows(cfg, base_dir, stats, train=False))
         write_json(tmp / "stats.json", stats)
     return stats
 

@@ -33,6 +33,7 @@ def register(
     mlflow_cfg: MlflowConfig,
     gen: GenerationConfig | None = None,
     repo_root: Path = Path("."),
+    index: Path | None = None,
 ) -> dict[str, Any]:
     """Register finetune's model with evaluate's metrics; writes `out_dir/register.json`.
 
@@ -44,6 +45,7 @@ def register(
         mlflow_cfg: the `mlflow:` section (MLFLOW_TRACKING_URI overrides its URI).
         gen: generation defaults stored in the model; default GenerationConfig().
         repo_root: where git and dvc.lock are read for the version's lineage tags.
+        index: the index stage's output, shipped with a model trained grounded.
 
     Returns:
         The register.json content.
@@ -54,7 +56,7 @@ def register(
     from tagtune.registry import register_model
 
     metrics = read_json(Path(evaluation) / "metrics.json")
-    result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root))
+    result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root), index)
     with atomic_path(Path(out_dir) / RESULT_FILE) as tmp:
         write_json(tmp, result)
     return result
@@ -100,6 +102,7 @@ def run(p: Params, root: Path) -> dict[str, Any]:
         p.mlflow,
         p.evaluate.generation,
         root,
+        root / paths.index,
     )
 
 

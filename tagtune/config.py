@@ -41,6 +41,7 @@ class PathsConfig(_Section):
     ingest: Path = Path("data/ingest")  # rows.jsonl + stats.json
     format: Path = Path("data/format")  # examples.jsonl + template.json + preview.md + stats.json
     split: Path = Path("data/split")  # train/val/test.jsonl + stats.json + template.json
+    index: Path = Path("data/index")  # facts.jsonl + bm25/ + stats.json: what retrieval searches
     finetune: Path = Path("models/finetune")  # adapter/ and/or model/, training.json, loss.csv
     checkpoints: Path = Path("models/checkpoints")  # resumable Trainer checkpoints (not a DVC output)
     evaluate: Path = Path("reports/evaluate")  # metrics.json, answers.jsonl, report.md, figures/
@@ -85,6 +86,9 @@ class SourceConfig(_Section):
     url: str | None = None
     query: str | None = None
     optional: bool = False  # a missing optional source (e.g. feedback DB not created yet) is skipped
+    # false: facts to answer from, never trained on — indexed for retrieval only (knowledge.jsonl), so
+    # adding to them re-indexes without retraining (see `retrieval:`)
+    train: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
@@ -115,7 +119,9 @@ class TagsConfig(_Section):
 class RefusalConfig(_Section):
     """Out-of-domain questions all answered with one refusal (seed 000)."""
 
-    answer: str = "Sorry, I can only answer questions about this domain."
+    # None: the refusal a `tagged` source defines (a block with no question), else the generic
+    # "Sorry, I don't know that."; a string here overrides both
+    answer: str | None = None
     questions: str | None = None  # text file, one OOD question per line
 
 
@@ -147,6 +153,30 @@ class SplitConfig(_Section):
                 f"val_fraction + test_fraction must be < 1, got {self.val_fraction + self.test_fraction}"
             )
         return self
+
+
+# ------------------------------------------------------------------------------------- index, retrieval
+class IndexConfig(_Section):
+    """The `index:` section: what the index stage makes searchable for each fact."""
+
+    # match a question against the questions the fact answers in the training data, not only the
+    # fact's own words (a paraphrase often shares words with a sibling phrasing)
+    include_questions: bool = True
+
+
+class RetrievalConfig(_Section):
+    """The `retrieval:` section: answers grounded in the user's own facts.
+
+    The index stage indexes the train split's answers (+ sources with `train: false`); finetune trains
+    with the top-`k` retrieved facts in the prompt, some with the right fact left out (answered with
+    the refusal), so the model learns to copy from the right fact and to refuse when none fits.
+    """
+
+    enabled: bool = True  # false: purely parametric (the model answers from its weights alone)
+    k: Annotated[int, Field(gt=0, le=16)] = 4  # facts put into each prompt
+    gold_absent: Annotated[float, Field(ge=0.0, lt=1.0)] = (
+        0.2  # share of training questions without their fact
+    )
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -200,6 +230,9 @@ class EvaluateConfig(_Section):
     compare_base: bool = True  # also evaluate the base model, so every report shows the gain
     # answer perplexity uses the model's own finetune.max_length (from training.json): the same tokens
     repetition_ngram: Annotated[int, Field(gt=0)] = 3  # words per n-gram in repetition_rate
+    # abstention: answers whose confidence is below a threshold become the refusal; the threshold is
+    # the lowest that keeps confident-wrong answers on the val split at or under this rate
+    max_confident_wrong: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
 
 
 # ------------------------------------------------------------------------------------------ register
@@ -260,6 +293,8 @@ class Params(_Section):
     ingest: IngestConfig = IngestConfig()
     format: FormatConfig = FormatConfig()
     split: SplitConfig = SplitConfig()
+    index: IndexConfig = IndexConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()

@@ -22,6 +22,7 @@ class Answer:
     text: str  # the answer, cut at the end marker, stripped
     new_tokens: int  # tokens generated (including the stop token)
     stopped: bool  # ended at the end marker / EOS rather than max_new_tokens
+    logprob: float | None = None  # mean log-probability of the generated tokens: the answer's confidence
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
@@ -75,16 +76,22 @@ def generate_answers(
         )
         enc = enc.to(model.device)
         with torch.inference_mode():
-            seqs = model.generate(
+            gen_out = model.generate(
                 **enc,
                 **kw,
                 stop_strings=stop,
                 tokenizer=tokenizer if stop else None,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
-        new = seqs[:, enc["input_ids"].shape[1] :]
-        for row, i in zip(new, idx, strict=True):
+            # log p of each chosen token under the (processed) distribution it was drawn from
+            token_lp = model.compute_transition_scores(
+                gen_out.sequences, gen_out.scores, normalize_logits=True
+            )
+        new = gen_out.sequences[:, enc["input_ids"].shape[1] :]
+        for j, (row, i) in enumerate(zip(new, idx, strict=True)):
             ids = row.tolist()
             # trailing pads (finished early while others went on) are not generated tokens
             while (
@@ -96,7 +103,8 @@ def generate_answers(
                 ids.pop()
             raw = tokenizer.decode(ids, skip_special_tokens=False)
             text, found = cut_answer(raw, end_marker, tokenizer.eos_token)
-            out[i] = Answer(text=text, new_tokens=len(ids), stopped=found)
+            logprob = float(token_lp[j, : len(ids)].float().mean()) if ids else None
+            out[i] = Answer(text=text, new_tokens=len(ids), stopped=found, logprob=logprob)
     return out  # type: ignore[return-value]
 
 

@@ -5,7 +5,8 @@
          -d '{"inputs": ["When does the museum open?"]}'
 
 A registered version is a `TagtuneModel` whose artifacts are the complete HF model directory
-(`artifacts/model/`: safetensors + tokenizer) and the template facts (`artifacts/template.json`), with
+(`artifacts/model/`: safetensors + tokenizer), the template facts (`artifacts/template.json`) and, for
+a model trained grounded, the fact index it answers from (`artifacts/index/`), with
 tagtune's library code inside (`code/tagtune/`, never the stages or the app), so it loads offline:
 
     model = mlflow.pyfunc.load_model("models:/tagtune-town@champion")
@@ -30,12 +31,14 @@ import mlflow.pyfunc
 import pandas as pd
 
 from tagtune.config import GenerationConfig
-from tagtune.generation import classify, generate_answers
+from tagtune.generation import classify
+from tagtune.grounding import reply
 from tagtune.models import load_saved
-from tagtune.templates import render_prompt
+from tagtune.retrieval import FactIndex
 
 MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of the HF model directory
 TEMPLATE_ARTIFACT = "template"  # pyfunc artifact key of template.json
+INDEX_ARTIFACT = "index"  # pyfunc artifact key (and folder) of the fact index of a grounded model
 GEN_KEYS = tuple(GenerationConfig.model_fields)
 
 
@@ -64,6 +67,8 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.config = dict(context.model_config or {})
         self.task = self.template.get("task", "causal_lm")
         self.model, self.tokenizer = load_saved(context.artifacts[MODEL_ARTIFACT], self.task)
+        index = context.artifacts.get(INDEX_ARTIFACT)
+        self.index = FactIndex.load(index) if index else None
 
     def _generation(self, params: dict[str, Any] | None) -> GenerationConfig:
         stored = {k: v for k, v in self.config.items() if k in GEN_KEYS}
@@ -71,7 +76,8 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         return GenerationConfig.model_validate({**stored, **override})
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        """Answer each question; a DataFrame input gets a DataFrame with an `answer` column back.
+        """Answer each question; a DataFrame input gets a DataFrame with an `answer` column back
+        (and `sources`, the `file:line` of the fact each answer came from, for a grounded model).
 
         MLflow hands every input over as a DataFrame (a plain list becomes column 0); the DataFrame
         hint also tells MLflow not to infer a schema from type hints (the signature is explicit).
@@ -79,21 +85,25 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         questions, as_frame = _questions(model_input)
         if self.task == "classification":
             answers = classify(self.model, self.tokenizer, questions, int(self.config.get("batch_size", 16)))
-        else:
-            prompts = [render_prompt(q, self.template, self.tokenizer) for q in questions]
-            batch = int((params or {}).get("batch_size") or self.config.get("batch_size", 16))
-            answers = [
-                a.text
-                for a in generate_answers(
-                    self.model,
-                    self.tokenizer,
-                    prompts,
-                    self._generation(params),
-                    self.template.get("end_marker"),
-                    batch,
-                )
-            ]
-        return pd.DataFrame({"answer": answers}) if as_frame else answers
+            return pd.DataFrame({"answer": answers}) if as_frame else answers
+        batch = int((params or {}).get("batch_size") or self.config.get("batch_size", 16))
+        replies = reply(
+            self.model,
+            self.tokenizer,
+            self.template,
+            questions,
+            self._generation(params),
+            batch,
+            self.index,
+            int(self.config.get("retrieval_k", 4)),
+            self.config.get("abstain_threshold"),
+        )
+        answers = [r.text for r in replies]
+        if not as_frame:
+            return answers
+        if self.index is None:
+            return pd.DataFrame({"answer": answers})
+        return pd.DataFrame({"answer": answers, "sources": [r.sources for r in replies]})
 
 
 _ENTRY = """# MLflow models-from-code entry point (no pickled Python object): tagtune's code is in code/.
@@ -142,17 +152,20 @@ def log_pyfunc_model(
     gen: GenerationConfig,
     batch_size: int = 16,
     tags: dict[str, str] | None = None,
+    index_dir: Path | None = None,
+    grounding: dict[str, Any] | None = None,
 ):
     """Log `model_dir` + `template_path` as a TagtuneModel to the active MLflow run; returns ModelInfo.
 
-    Call inside `tagtune.tracking.active_run`. The signature declares the generation params, so
+    Call inside `tagtune.tracking.active_run`. A grounded model also ships `index_dir` (its facts) and
+    `grounding` ({retrieval_k, abstain_threshold}) in its model_config. The signature declares the generation params, so
     `predict(..., params=...)` and the REST API (`{"inputs": [...], "params": {...}}`) accept them.
     """
     import tempfile
 
     from mlflow.models import infer_signature
 
-    config = {**gen.model_dump(), "batch_size": batch_size}
+    config = {**gen.model_dump(), "batch_size": batch_size, **(grounding or {})}
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
     with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
         # an input example would make MLflow load the model and generate once more at log time
@@ -166,7 +179,11 @@ def log_pyfunc_model(
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(entry),
-            artifacts={MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_path)},
+            artifacts={
+                MODEL_ARTIFACT: str(model_dir),
+                TEMPLATE_ARTIFACT: str(template_path),
+                **({INDEX_ARTIFACT: str(index_dir)} if index_dir is not None else {}),
+            },
             model_config=config,
             signature=signature,
             code_paths=_code_snapshot(Path(tmp)),

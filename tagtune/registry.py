@@ -36,10 +36,12 @@ from typing import Any
 from tagtune import tracking
 from tagtune.config import GenerationConfig, MlflowConfig, RegisterConfig
 from tagtune.errors import TagtuneError, error_line
+from tagtune.text import stable_hash
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_FINGERPRINT = "tagtune.fingerprint"
+TAG_INDEX = "tagtune.index"  # digest of the facts a grounded model answers from ("none": not grounded)
 TAG_PREVIOUS = "tagtune.previous_champion"
 TAG_DECISION = "tagtune.decision"
 TAG_REASON = "tagtune.reason"
@@ -135,18 +137,25 @@ def _alias_version(c, name: str, alias: str):
         return None
 
 
-def find_version(c, name: str, run_id: str):
-    """The version registered from `run_id` (None if there is none yet)."""
+def find_version(c, name: str, run_id: str, index: str = "none"):
+    """The version registered from `run_id` with the fact index `index` (None if there is none yet).
+
+    A grounded model re-registered with new facts (the index stage re-ran, finetune did not) is a
+    new version of the same run.
+    """
     found = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    found = [v for v in found if v.tags.get(TAG_INDEX, "none") == index]
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _logged_model_uri(c, run_id: str, fingerprint: str) -> str | None:
+def _logged_model_uri(c, run_id: str, fingerprint: str, index: str) -> str | None:
     """A model an interrupted attempt already logged to `run_id` (so it is not uploaded twice)."""
     try:
         exp = c.get_run(run_id).info.experiment_id
         found = c.search_logged_models(
-            [exp], filter_string=f"source_run_id = '{run_id}' AND tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+            [exp],
+            filter_string=f"source_run_id = '{run_id}' AND tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+            f" AND tags.`{TAG_INDEX}` = '{index}'",
         )
     except Exception:  # noqa: BLE001 - older servers without logged models: just log again
         return None
@@ -166,8 +175,35 @@ def _gate_metric(metrics: dict[str, float], cfg: RegisterConfig) -> str:
     return key
 
 
+def _grounding(
+    training: dict[str, Any], metrics: dict[str, float], index_dir: Path | None
+) -> tuple[str, Path | None, dict[str, Any]]:
+    """(index digest or "none", the index dir to ship, the pyfunc's grounding config) of a model.
+
+    Raises:
+        RegistryError: the model was trained grounded but `index_dir` holds no index.
+    """
+    grounded = training.get("grounded")
+    if not grounded:
+        return "none", None, {}
+    from tagtune.retrieval import FACTS_FILE
+
+    facts = Path(index_dir) / FACTS_FILE if index_dir is not None else None
+    if facts is None or not facts.is_file():
+        raise RegistryError(
+            f"the model answers from a fact index, but {facts} is missing (run the index stage)"
+        )
+    config = {"retrieval_k": grounded["k"], "abstain_threshold": metrics.get("abstain.threshold")}
+    return stable_hash(facts.read_text(encoding="utf-8"))[:16], Path(index_dir), config
+
+
 def _log_model(
-    finetuned: Path, run_id: str, fingerprint: str, gen: GenerationConfig, cfg: MlflowConfig
+    finetuned: Path,
+    run_id: str,
+    tags: dict[str, str],
+    gen: GenerationConfig,
+    cfg: MlflowConfig,
+    grounding: tuple,
 ) -> str:
     """Log finetune's model as a pyfunc to `run_id` (an adapter-only run is merged first); its URI."""
     import tempfile
@@ -176,31 +212,49 @@ def _log_model(
     from tagtune.pyfunc import log_pyfunc_model
     from tagtune.templates import TEMPLATE_FILE
 
+    _, index_dir, config = grounding
+    identity = {k: tags[k] for k in (TAG_FINGERPRINT, TAG_INDEX)}
     with tempfile.TemporaryDirectory(prefix="tagtune-merge-") as tmp, tracking.active_run(cfg, run_id):
         model_dir = export_model_dir(finetuned, Path(tmp) / "model")
         info = log_pyfunc_model(
-            model_dir, finetuned / TEMPLATE_FILE, gen, tags={TAG_FINGERPRINT: fingerprint}
+            model_dir, finetuned / TEMPLATE_FILE, gen, tags=identity, index_dir=index_dir, grounding=config
         )
     return info.model_uri
 
 
 def _version_of_run(
-    c, name: str, run_id: str, finetuned: Path, tags: dict[str, str], gen: GenerationConfig, cfg: MlflowConfig
+    c,
+    name: str,
+    run_id: str,
+    finetuned: Path,
+    tags: dict[str, str],
+    gen: GenerationConfig,
+    cfg: MlflowConfig,
+    grounding: tuple,
 ):
     """(the version registered from `run_id`, created now?) — registering it once, reusing a logged model."""
     import mlflow
 
-    mv = find_version(c, name, run_id)
+    mv = find_version(c, name, run_id, tags[TAG_INDEX])
     if mv is not None:
         for k, v in tags.items():
             c.set_model_version_tag(name, mv.version, k, v)
         return mv, False
-    fingerprint = tags[TAG_FINGERPRINT]
-    model_uri = _logged_model_uri(c, run_id, fingerprint) or _log_model(
-        finetuned, run_id, fingerprint, gen, cfg
+    model_uri = _logged_model_uri(c, run_id, tags[TAG_FINGERPRINT], tags[TAG_INDEX]) or _log_model(
+        finetuned, run_id, tags, gen, cfg, grounding
     )
     mv = mlflow.register_model(model_uri, name, await_registration_for=int(cfg.timeout_s), tags=tags)
     return mv, True
+
+
+def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: RegisterConfig) -> bool:
+    """The same trained weights as the champion, answering from a new fact index, and not worse."""
+    if champion is None or champ_value is None:
+        return False
+    same_weights = mv.tags.get(TAG_FINGERPRINT) == champion.tags.get(TAG_FINGERPRINT)
+    new_facts = mv.tags.get(TAG_INDEX, "none") != champion.tags.get(TAG_INDEX, "none")
+    not_worse = (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0) >= 0
+    return same_weights and new_facts and not_worse
 
 
 def _gate(
@@ -228,6 +282,14 @@ def _gate(
         champ_value = float(raw)
     base_value = metrics.get(f"base.{cfg.metric}")
     promote, reason = decide(float(metrics[key]), champ_value, base_value, cfg)
+    if not promote and _is_refresh(mv, champion, float(metrics[key]), champ_value, cfg):
+        promote, reason = (
+            True,
+            (
+                f"same weights as champion v{champion.version} with new facts (knowledge refresh); "
+                f"{key}={float(metrics[key]):.4g} is not worse than {champ_value:.4g}"
+            ),
+        )
     if base_value is None:
         reason += " (no base-model metric: evaluate.compare_base is off)"
     if not promote:
@@ -250,8 +312,9 @@ def register_model(
     mlflow_cfg: MlflowConfig,
     gen: GenerationConfig | None = None,
     repo_root: Path = Path("."),
+    index_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Register the model of finetune's MLflow run (once) and apply the promotion gate.
+    """Register the model of finetune's MLflow run (once per fact index) and apply the promotion gate.
 
     Args:
         finetuned: finetune's output dir (`model/` or `adapter/`, template.json, training.json).
@@ -260,6 +323,7 @@ def register_model(
         mlflow_cfg: the `mlflow:` section (MLFLOW_TRACKING_URI overrides its URI).
         gen: generation defaults stored in the model (default: GenerationConfig()).
         repo_root: where git and dvc.lock are read for lineage tags.
+        index_dir: the index stage's output; shipped inside the version of a model trained grounded.
 
     Returns:
         {model_name, version, run_id, created, alias, decision, reason, previous_champion, ...}.
@@ -286,7 +350,10 @@ def register_model(
         **lineage_tags(training, repo_root),
         **{f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
     }
-    mv, created = _version_of_run(c, name, run_id, finetuned, tags, gen or GenerationConfig(), mlflow_cfg)
+    grounding = _grounding(training, metrics, index_dir)
+    tags[TAG_INDEX] = grounding[0]
+    gen = gen or GenerationConfig()
+    mv, created = _version_of_run(c, name, run_id, finetuned, tags, gen, mlflow_cfg, grounding)
     version = str(mv.version)
     rolled_back = mv.tags.get(TAG_DECISION, "")
     promote, reason, previous = _gate(c, name, mv, metrics, key, cfg)

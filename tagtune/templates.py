@@ -82,8 +82,11 @@ def renderer(cfg: FormatConfig, tokenizer: Any = None) -> Renderer:
     return _chat_renderer(tokenizer) if cfg.template == "chat" else _RENDERERS[cfg.template]
 
 
-def template_facts(cfg: FormatConfig, task: str) -> dict[str, Any]:
-    """What inference needs to know about the data's template (written as template.json)."""
+def template_facts(cfg: FormatConfig, task: str, refusal: str | None = None) -> dict[str, Any]:
+    """What inference needs to know about the data's template (written as template.json).
+
+    `refusal`: the answer to questions the model cannot answer (format stage resolves it).
+    """
     special = (
         [cfg.tags.question, cfg.tags.end] if cfg.template == "tagged" and cfg.tags.special_tokens else []
     )
@@ -94,9 +97,17 @@ def template_facts(cfg: FormatConfig, task: str) -> dict[str, Any]:
         # generation stops at this string; finetune appends EOS after it so the model learns to stop
         "end_marker": cfg.tags.end if cfg.template == "tagged" else None,
         "special_tokens": special,
-        "refusal_answer": cfg.refusal.answer if cfg.refusal else None,
+        "refusal_answer": refusal,  # None: DEFAULT_REFUSAL, see `refusal_answer`
         "task": task,
     }
+
+
+DEFAULT_REFUSAL = "Sorry, I don't know that."  # when the data defines no refusal (format.refusal)
+
+
+def refusal_answer(facts: dict[str, Any]) -> str:
+    """What the model says when it does not know: the data's refusal, else DEFAULT_REFUSAL."""
+    return facts.get("refusal_answer") or DEFAULT_REFUSAL
 
 
 def read_template(directory: str | Path) -> dict[str, Any]:
@@ -108,13 +119,33 @@ def write_template(directory: str | Path, facts: dict[str, Any]) -> None:
     write_json(Path(directory) / TEMPLATE_FILE, facts)
 
 
-def render_prompt(question: str, facts: dict[str, Any], tokenizer: Any = None) -> str:
-    """The prompt a model trained on this template expects for `question` (used at inference).
+def context_text(facts: list[str]) -> str:
+    """The retrieved facts as the prompt shows them (a system message before the question)."""
+    return "Facts:\n" + "\n".join(f"- {f}" for f in facts)
 
-    Renders [user question, assistant SENTINEL] with the same renderer training used and keeps the
-    text before the sentinel, so inference can never drift from the training format.
+
+def render_turn(
+    question: str, answer: str, facts: dict[str, Any], tokenizer: Any = None, context: list[str] | None = None
+) -> Segments:
+    """One question → answer turn rendered as training renders it, with retrieved `context` facts.
+
+    The context goes into the system message (after `format.system_prompt`, when one is set).
     """
     cfg = FormatConfig.model_validate(facts["format"])
-    msgs = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": SENTINEL}]
-    text = "".join(s for s, _ in renderer(cfg, tokenizer)(msgs, cfg))
+    msgs = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer}]
+    if context is not None:
+        system = "\n\n".join(x for x in (cfg.system_prompt, context_text(context)) if x)
+        msgs.insert(0, {"role": "system", "content": system})
+    return renderer(cfg, tokenizer)(msgs, cfg)
+
+
+def render_prompt(
+    question: str, facts: dict[str, Any], tokenizer: Any = None, context: list[str] | None = None
+) -> str:
+    """The prompt a model trained on this template expects for `question` (used at inference).
+
+    Renders the turn with SENTINEL as the answer, with the same renderer training used, and keeps
+    the text before the sentinel, so inference can never drift from the training format.
+    """
+    text = "".join(s for s, _ in render_turn(question, SENTINEL, facts, tokenizer, context))
     return text[: text.index(SENTINEL)]

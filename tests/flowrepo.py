@@ -70,6 +70,8 @@ def make_workspace(root: Path, model_dir: Path) -> Path:
         method="lora", max_steps=4, batch_size=4, save_steps=50, logging_steps=2, max_length=64, threads=1
     )
     p["evaluate"].update(batch_size=8, generation={"max_new_tokens": 8})
+    # orchestration tests: a tiny model, prompts without retrieved facts (test_grounded.py turns them on)
+    p["retrieval"]["enabled"] = False
     p["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     p["flow"] = {"retries": 1, "retry_delay_s": 0.1}
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")

@@ -50,13 +50,13 @@ def test_memory_of_the_finetune_stage_in_a_child(tiny_llama):
 
 @pytest.mark.integration  # starts Prefect's ephemeral API server and runs the dvc CLI
 def test_orchestration_flow_vs_direct_and_noop_repro(tiny_llama):
-    tiny = ["finetune.max_length=64", "finetune.batch_size=4"]
+    tiny = ["finetune.max_length=64", "finetune.batch_size=4", "retrieval.enabled=false"]
     r = orchestration.run(
         str(tiny_llama), 2, 2, 1, max_new_tokens=3, extra=tiny, warm_prefect=False, noop_repeats=1
     )
     _well_formed(r, "orchestration", ("flow_s", "direct_s", "steady_step_s", "noop_repro_s"))
     assert r["stages_run"] == 0  # the flow left the workspace up to date
-    assert set(r["direct_stage_s"]) == {"ingest", "format", "split", "finetune", "evaluate", "register"}
+    assert set(r["direct_stage_s"]) == {"ingest", "format", "split", "index", "finetune", "evaluate", "register"}
 
 
 def test_readme_table_has_a_row_per_target_and_the_machine():

@@ -4,7 +4,9 @@
 
 `from_dir` loads finetune's output, a pulled registry version or an HF model dir with template.json;
 `from_uri` pulls `models:/<name>@<alias>` once into the local cache, then loads it. Prompts are rendered
-with the template the model was trained on; generation is tagtune/generation.py's.
+with the template the model was trained on; generation is tagtune/generation.py's. A grounded model
+(trained with retrieved facts) answers from its fact index, abstains below its threshold, and names
+the source of each answer (`Reply.sources`, `last_sources` after `stream`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tagtune.config import GenerationConfig, MlflowConfig
 from tagtune.errors import TagtuneError
-from tagtune.generation import Answer, generate_answers, stream_answer
+from tagtune.generation import stream_answer
+from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
 from tagtune.models import cache_root, find_model_dir, load_saved
 from tagtune.registry import INFO_FILE, pull, resolve_version
+from tagtune.retrieval import FactIndex
 from tagtune.templates import render_prompt
 
 
@@ -30,31 +36,64 @@ def model_label(info: dict[str, Any]) -> str:
     return f"local model {info.get('source', '?')}"
 
 
+def _grounding_of(path: Path, model_dir: Path) -> tuple[FactIndex | None, dict]:
+    """(the fact index, {retrieval_k, abstain_threshold}) a pulled registry version ships, if any."""
+    root = model_dir.parent.parent  # <pulled>/artifacts/model → <pulled>
+    index_dir = model_dir.parent / "index"
+    if not (index_dir / "facts.jsonl").is_file():
+        return None, {}
+    mlmodel = (
+        yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")) if (root / "MLmodel").is_file() else {}
+    )
+    config = ((mlmodel or {}).get("flavors", {}).get("python_function", {}) or {}).get("model_config") or {}
+    return FactIndex.load(index_dir), config
+
+
 class Chatbot:
     """A fine-tuned causal LM ready to answer: `from_dir` (local) or `from_uri` (MLflow registry)."""
 
-    def __init__(self, model: Any, tokenizer: Any, template: dict[str, Any], info: dict[str, Any]):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: dict[str, Any],
+        info: dict[str, Any],
+        index: FactIndex | None = None,
+        grounding: dict[str, Any] | None = None,
+    ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.info = info  # model_name, version, alias, run_id (where known), source
+        self.index, self.grounding = index, grounding or {}
+        self.last_sources: list[str] = []  # of the last streamed answer
         if template.get("task", "causal_lm") != "causal_lm":
             raise TagtuneError(f"{info.get('source')}: a {template['task']} model cannot chat")
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Chatbot:
-        """Load from finetune's output dir, a pulled dir, or an HF model dir with template.json."""
+    def from_dir(
+        cls, path: str | Path, index: str | Path | None = None, threshold: float | None = None
+    ) -> Chatbot:
+        """Load from finetune's output dir, a pulled dir, or an HF model dir with template.json.
+
+        A pulled grounded version brings its own index and threshold; for finetune's output of a
+        grounded run pass the index stage's directory (and evaluate's `abstain.threshold`).
+        """
         model_dir, template_path = find_model_dir(path)
         info: dict[str, Any] = {"model_name": None, "version": None, "alias": None, "run_id": None}
         for f in (Path(path) / INFO_FILE, model_dir.parent.parent / INFO_FILE):
             if f.is_file():
                 info.update(read_json(f))
                 break
-        else:
-            training = Path(path) / "training.json"
-            if training.is_file():
-                info["run_id"] = read_json(training).get("mlflow_run_id")
+        training: dict[str, Any] = {}
+        if (Path(path) / "training.json").is_file():
+            training = read_json(Path(path) / "training.json")
+            info["run_id"] = info["run_id"] or training.get("mlflow_run_id")
         info["source"] = str(model_dir)
+        facts, grounding = _grounding_of(Path(path), model_dir)
+        if facts is None and index is not None and training.get("grounded"):
+            facts = FactIndex.load(index)
+            grounding = {"retrieval_k": training["grounded"]["k"], "abstain_threshold": threshold}
         model, tok = load_saved(model_dir)
-        return cls(model, tok, read_json(template_path), info)
+        return cls(model, tok, read_json(template_path), info, facts, grounding)
 
     @classmethod
     def from_uri(cls, model_uri: str, mlflow_cfg: MlflowConfig, cache_dir: str | None = None) -> Chatbot:
@@ -76,13 +115,25 @@ class Chatbot:
     def prompt(self, question: str) -> str:
         return render_prompt(question, self.template, self.tokenizer)
 
-    def answer(self, questions: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[Answer]:
-        """Answer a batch of questions (cut at the end marker; `stopped=False` = hit max_new_tokens)."""
-        prompts = [self.prompt(q) for q in questions]
-        end = self.template.get("end_marker")
-        return generate_answers(self.model, self.tokenizer, prompts, gen, end, batch_size)
+    def answer(self, questions: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[Reply]:
+        """Answer a batch of questions: `.text` (the answer or the refusal), `.sources`, `.answer`."""
+        k = int(self.grounding.get("retrieval_k", 4))
+        threshold = self.grounding.get("abstain_threshold")
+        return reply(
+            self.model, self.tokenizer, self.template, questions, gen, batch_size, self.index, k, threshold
+        )
 
     def stream(self, question: str, gen: GenerationConfig) -> Iterator[str]:
-        """Yield the answer as it is generated; stops at the end marker, which is never yielded."""
+        """Yield the answer as it is generated; stops at the end marker, which is never yielded.
+
+        A grounded answer comes in one piece: whether it stands or becomes the refusal is known only
+        once all of it is generated (its confidence). Its sources are then in `last_sources`.
+        """
+        self.last_sources = []
+        if self.index is not None:
+            (r,) = self.answer([question], gen)
+            self.last_sources = r.sources
+            yield r.text
+            return
         end = self.template.get("end_marker")
         yield from stream_answer(self.model, self.tokenizer, self.prompt(question), gen, end)

@@ -28,6 +28,7 @@ import typer
 
 from tagtune.config import GenerationConfig, Params, load_params, write_overrides
 from tagtune.errors import TagtuneError, error_line, one_line
+from tagtune.io import read_json
 
 app = typer.Typer(
     name="tagtune",
@@ -103,7 +104,10 @@ def _chatbot(p: Params, version: str | None, alias: str | None, model_dir: Path 
     from tagtune.app.chat import Chatbot
 
     if model_dir is not None:
-        return Chatbot.from_dir(model_dir)
+        # a grounded finetune output answers from the workspace's index, abstaining as evaluate chose
+        metrics = p.paths.evaluate / "metrics.json"
+        threshold = read_json(metrics).get("abstain.threshold") if metrics.is_file() else None
+        return Chatbot.from_dir(model_dir, p.paths.index, threshold)
     return Chatbot.from_uri(_model_uri(p, version, alias), p.mlflow, p.model.cache_dir)
 
 
@@ -169,6 +173,8 @@ def _print_champion(p: Params) -> None:
     if question:
         answer = bot.answer([question], p.evaluate.generation)[0]
         print(f"sample:   Q: {question}\n          A: {answer.text}")
+        if answer.sources:
+            print(f"          source: {', '.join(answer.sources)}")
 
 
 @app.command()
@@ -300,6 +306,8 @@ def chat(
         for piece in bot.stream(q, gen):
             print(piece, end="", flush=True)
         print()
+        if bot.last_sources:
+            print(f"  source: {', '.join(bot.last_sources)}")
 
     if questions is not None:
         for q in questions:

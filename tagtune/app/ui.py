@@ -169,7 +169,8 @@ def _responder(bot: Any):
             answer += piece
             history[-1] = {"role": "assistant", "content": answer}
             yield history, "", None, ""
-        history[-1] = {"role": "assistant", "content": answer}
+        shown = answer + (f"\n\n*Source: {', '.join(bot.last_sources)}*" if bot.last_sources else "")
+        history[-1] = {"role": "assistant", "content": shown}
         yield (
             history,
             "",
