@@ -172,7 +172,9 @@ class RetrievalConfig(_Section):
     the refusal), so the model learns to copy from the right fact and to refuse when none fits.
     """
 
-    enabled: bool = True  # false: purely parametric (the model answers from its weights alone)
+    # off by default until its quality targets are met on the default run (issue 12, in progress):
+    # false = purely parametric (the model answers from its weights alone)
+    enabled: bool = False
     k: Annotated[int, Field(gt=0, le=16)] = 4  # facts put into each prompt
     gold_absent: Annotated[float, Field(ge=0.0, lt=1.0)] = (
         0.2  # share of training questions without their fact
