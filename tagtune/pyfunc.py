@@ -31,7 +31,7 @@ import pandas as pd
 
 from tagtune.config import GenerationConfig
 from tagtune.generation import classify, generate_answers
-from tagtune.models import load_saved
+from tagtune.models import WEIGHTS_KEY, load_saved, verify_weights, weights_sha256
 from tagtune.templates import render_prompt
 
 MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of the HF model directory
@@ -63,7 +63,12 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.template = json.loads(Path(context.artifacts[TEMPLATE_ARTIFACT]).read_text(encoding="utf-8"))
         self.config = dict(context.model_config or {})
         self.task = self.template.get("task", "causal_lm")
-        self.model, self.tokenizer = load_saved(context.artifacts[MODEL_ARTIFACT], self.task)
+        model_dir = context.artifacts[MODEL_ARTIFACT]
+        if expected := self.config.get(
+            WEIGHTS_KEY
+        ):  # registered with its weight hashes: serve only those bytes
+            verify_weights(Path(model_dir), expected, f"the registered model's config ({WEIGHTS_KEY})")
+        self.model, self.tokenizer = load_saved(model_dir, self.task)
 
     def _generation(self, params: dict[str, Any] | None) -> GenerationConfig:
         stored = {k: v for k, v in self.config.items() if k in GEN_KEYS}
@@ -152,7 +157,12 @@ def log_pyfunc_model(
 
     from mlflow.models import infer_signature
 
-    config = {**gen.model_dump(), "batch_size": batch_size}
+    # the weight hashes travel in the model's config: load_context serves only these bytes
+    config = {
+        **gen.model_dump(),
+        "batch_size": batch_size,
+        WEIGHTS_KEY: weights_sha256(Path(model_dir), (".",)),
+    }
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
     with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
         # an input example would make MLflow load the model and generate once more at log time

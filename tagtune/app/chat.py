@@ -17,9 +17,11 @@ from tagtune.config import GenerationConfig, MlflowConfig
 from tagtune.errors import TagtuneError
 from tagtune.generation import Answer, generate_answers, stream_answer
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model_dir, load_saved
+from tagtune.models import cache_root, find_model_dir, load_saved, verify_model_dir
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.templates import render_prompt
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
 def model_label(info: dict[str, Any]) -> str:
@@ -41,7 +43,12 @@ class Chatbot:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Chatbot:
-        """Load from finetune's output dir, a pulled dir, or an HF model dir with template.json."""
+        """Load from finetune's output dir, a pulled dir, or an HF model dir with template.json.
+
+        Weights are checked against the hashes recorded when they were written (training.json or the
+        pulled MLmodel) first: tampered or damaged bytes are an error, not a model.
+        """
+        verify_model_dir(path)
         model_dir, template_path = find_model_dir(path)
         info: dict[str, Any] = {"model_name": None, "version": None, "alias": None, "run_id": None}
         for f in (Path(path) / INFO_FILE, model_dir.parent.parent / INFO_FILE):
@@ -68,13 +75,29 @@ class Chatbot:
             / f"{info['version']}-{info['run_id'][:12]}"
         )
         if not (local / INFO_FILE).is_file():
-            pull(info["model_uri"], local, mlflow_cfg)
+            pull(info["model_uri"], local, mlflow_cfg, force=True)  # our own cache entry
         bot = cls.from_dir(local)
         bot.info.update(info)
         return bot
 
     def prompt(self, question: str) -> str:
         return render_prompt(question, self.template, self.tokenizer)
+
+    @property
+    def context(self) -> int | None:
+        """How many positions the model reads (prompt + answer), if its config says."""
+        config = self.model.config
+        return next((v for k in CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+
+    def too_long(self, question: str, gen: GenerationConfig) -> str | None:
+        """Why `question` cannot be answered whole (prompt + max_new_tokens past the context), else None."""
+        n = len(self.tokenizer(self.prompt(question), add_special_tokens=False)["input_ids"])
+        if self.context is not None and n + gen.max_new_tokens > self.context:
+            return (
+                f"question too long: {n} prompt tokens + {gen.max_new_tokens} new tokens is past the model's "
+                f"context ({self.context} tokens)"
+            )
+        return None
 
     def answer(self, questions: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[Answer]:
         """Answer a batch of questions (cut at the end marker; `stopped=False` = hit max_new_tokens)."""
