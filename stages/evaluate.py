@@ -39,24 +39,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tagtune.config import EvaluateConfig, MlflowConfig, Params
+from tagtune.config import LOWER_IS_BETTER, EvaluateConfig, MlflowConfig, Params
 from tagtune.encoding import IGNORE_INDEX, PadCollator, encode_example
-from tagtune.errors import DataError
+from tagtune.errors import DataError, TagtuneError
 from tagtune.generation import Answer
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from tagtune.templates import read_template
 from tagtune.text import normalize, stable_hash
 
 IN_DOMAIN = ("qa", "chat")
+WRITES = ("metrics.json", "answers.jsonl", "answers.csv", "report.md", "figures")  # paths.evaluate
 SIDES = ("tuned", "base")
-# metrics where a lower value is better (for the report's "better" column and the chart)
-LOWER_IS_BETTER = {
-    "eval_loss",
-    "perplexity",
-    "false_refusal_rate",
-    "repetition_rate",
-    "truncation_rate",
-}
+TEXT_SAMPLES = 8  # held-out text lines whose opening each model continues (report samples, not metrics)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -139,7 +133,7 @@ def aggregate(scored: list[dict[str, Any]], has_refusal: bool) -> dict[str, floa
         n_tok = sum(r["tokens"] for r in with_loss)
         out["eval_loss"] = total / n_tok
         out["perplexity"] = math.exp(min(total / n_tok, 50.0))
-    gen = [r for r in scored if r.get("answer") is not None]
+    gen = [r for r in scored if r.get("answer") is not None and r["kind"] != "text"]  # text: samples only
     ind = [r for r in gen if r["kind"] in IN_DOMAIN]
     ref = [r for r in gen if r["kind"] == "refusal"]
     out["exact_match"] = _mean([r["exact_match"] for r in ind])
@@ -213,6 +207,28 @@ def answer_losses(
     return out
 
 
+def _opening(text: str) -> tuple[str, str] | None:
+    """(the first half of a line's words, at most 12, the rest) — what a text model is asked to continue."""
+    words = text.split()
+    if len(words) < 2:
+        return None
+    k = min(12, len(words) // 2)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def _prompts(rows: list[dict[str, Any]]) -> dict[int, tuple[str, str | None]]:
+    """{row index: (prompt, reference of a text sample)}: every Q&A prompt, and the openings of the
+    first TEXT_SAMPLES held-out text lines (so text-mode reports show what the model writes)."""
+    out: dict[int, tuple[str, str | None]] = {}
+    texts = 0
+    for i, r in enumerate(rows):
+        if r["kind"] != "text" and r.get("prompt"):
+            out[i] = (r["prompt"], None)
+        elif r["kind"] == "text" and texts < TEXT_SAMPLES and (split := _opening(r.get("reference", ""))):
+            out[i], texts = split, texts + 1
+    return out
+
+
 def _evaluate_causal(
     model: Any,
     tokenizer: Any,
@@ -227,16 +243,16 @@ def _evaluate_causal(
     from tagtune.generation import generate_answers
 
     losses = answer_losses(model, tokenizer, rows, max_length, cfg.batch_size)
-    gen_idx = [i for i, r in enumerate(rows) if r["kind"] != "text" and r.get("prompt")]
+    prompts = _prompts(rows)
     answers = generate_answers(
         model,
         tokenizer,
-        [rows[i]["prompt"] for i in gen_idx],
+        [p for p, _ in prompts.values()],
         cfg.generation,
         template.get("end_marker"),
         cfg.batch_size,
     )
-    by_row = dict(zip(gen_idx, answers, strict=True))
+    by_row = dict(zip(prompts, answers, strict=True))
     table = []
     for i, r in enumerate(rows):
         rec: dict[str, Any] = {
@@ -250,6 +266,8 @@ def _evaluate_causal(
             "tokens": losses[i][1] if losses[i] else 0,
             "loss": round(losses[i][0] / losses[i][1], 6) if losses[i] else None,
         }
+        if r["kind"] == "text" and i in prompts:  # a continuation sample: the opening and the rest
+            rec["question"], rec["reference"] = prompts[i][0], prompts[i][1]
         if i in by_row:
             rec["answer"] = by_row[i].text
             rec.update(score_answer(by_row[i], r, template.get("refusal_answer"), cfg.repetition_ngram))
@@ -409,7 +427,7 @@ def _report(
     wide = _wide_rows(table)
     shown: Counter[str] = Counter()
     for r in wide:
-        if shown[r["kind"]] >= 4:
+        if shown[r["kind"]] >= 4 or (r["kind"] == "text" and r.get("tuned_answer") is None):
             continue
         shown[r["kind"]] += 1
         cells = [r["kind"], r["question"], r["reference"], r.get("tuned_answer"), r.get("base_answer")]
@@ -468,6 +486,25 @@ def _causal_sides(
     return table, metrics
 
 
+class EvaluationError(TagtuneError):
+    """The evaluation produced numbers that mean nothing (NaN/inf): nothing is written or logged."""
+
+
+def _check_finite(metrics: dict[str, float]) -> None:
+    """Raise if any metric is NaN or infinite (a broken model), before anything is written.
+
+    Raises:
+        EvaluationError: naming the metrics.
+    """
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in list(bad.items())[:6])
+        raise EvaluationError(
+            f"evaluate: metrics not finite ({shown}): the model outputs NaN/inf, so its scores mean nothing; "
+            "nothing was written (re-run finetune, or check the base model's weights)"
+        )
+
+
 def evaluate(
     splits: Path, finetuned: Path, out_dir: Path, cfg: EvaluateConfig, mlflow_cfg: MlflowConfig | None = None
 ) -> dict[str, float]:
@@ -510,8 +547,9 @@ def evaluate(
             metrics[f"delta.{name}"] = round(metrics[key] - metrics[f"base.{name}"], 6)
     for r in table:
         r.pop("nll", None)
+    _check_finite(metrics)
 
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         write_json(tmp / "metrics.json", metrics)
         write_jsonl(tmp / "answers.jsonl", table)
