@@ -27,7 +27,11 @@ Writes `paths.evaluate/` (atomically):
 
 Generation is batched (left-padded, KV cache, stop at the end marker) with `evaluate.generation`
 (greedy unless configured); `evaluate.max_examples` takes a deterministic sample that keeps every
-kind of row.
+kind of row. Text rows (`format.template: text`) are scored by loss/perplexity; the openings of a few
+held-out lines are continued by each model as report samples (not metrics).
+
+The finetuned weights are checked against the sha256 in training.json before they are loaded, and a
+NaN/inf metric (a broken model) is an error: nothing is written or logged.
 """
 
 from __future__ import annotations
@@ -523,6 +527,8 @@ def evaluate(
 
     Raises:
         DataError: missing/empty test split or finetune output.
+        ModelIntegrityError: the weights differ from the sha256 finetune recorded.
+        EvaluationError: a metric is NaN/inf (nothing is written).
         tracking.TrackingError: MLflow unreachable (the outputs are already written).
     """
     from tagtune.models import load_finetuned

@@ -10,7 +10,14 @@ command resumes from the newest *complete* checkpoint and keeps counting steps.
 
 Writes `paths.finetune/`: `adapter/` (LoRA) and/or `model/` (merged or fully trained, safetensors
 + tokenizer), `template.json` (how to prompt it), `training.json` (steps, tokens, wall time, peak
-memory, MLflow run id), `loss.csv`.
+memory, MLflow run id, the weights' sha256 that evaluate/register/serving verify), `loss.csv`,
+`label_audit.md`.
+
+Trust nothing: before step 1 a label audit checks the encoded batches (every example trains some
+tokens, its end tag and EOS); a NaN/inf loss, gradient norm or weight stops the run with nothing
+written (the MLflow run ends FAILED); each checkpoint's COMPLETE marker holds a sha256 manifest, and
+an unreadable newest checkpoint falls back to the previous complete one. A resumed run restores the
+earlier step losses from the checkpoint, so loss.csv and MLflow keep the whole curve, each step once.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ Each example keeps the prompt/answer boundary as `segments`: a list of `[text, t
 finetune puts loss on the answers only (the model stops echoing questions). The templates (`tagged`,
 `chat`, `text`) live in tagtune/templates.py; their facts are written as `template.json`.
 
-Out-of-domain questions from `format.refusal.questions` become rows answered with the refusal.
-Exact and normalised duplicates are removed (counted in stats.json). `preview.md` shows the first
-rendered examples with the trained part marked — the first thing to read when a template looks off.
+Out-of-domain questions from `format.refusal.questions` become rows answered with the refusal (not for
+classification data: skipped with a note; a refusal question that is also an in-domain question is an
+error). Exact and normalised duplicates are removed (counted in stats.json). `preview.md` shows the
+first rendered examples with the trained part marked (long lines clipped) — the first thing to read
+when a template looks off.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def format_examples(
         "rows_in": len(rows),
         "examples": len(kept),
         "refusal_rows": sum(e["kind"] == "refusal" for e in examples),
-        "refusal_skipped": skipped,
+        **({"refusal_skipped": skipped} if skipped else {}),
         "exact_duplicates": n_exact,
         "normalized_duplicates": n_norm,
         "kinds": {k: sum(e["kind"] == k for e in kept) for k in sorted({e["kind"] for e in kept})},

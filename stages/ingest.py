@@ -23,6 +23,10 @@ Formats (`format: auto` picks one from the extension and the columns):
 
 Bad input raises DataError naming `file:line`; `on_invalid: skip` skips bad records instead (counted
 in stats.json), never unreadable files or sources left empty. Output is replaced atomically.
+
+Sources are regular files (a FIFO would hang, /dev/zero never ends) inside the repository, where DVC
+tracks them (`ingest.allow_outside: true` reads files elsewhere), at most `ingest.max_file_mb` per file
+and `ingest.max_line_chars` per line; a NUL byte is binary data, not text. SQL sources only read.
 """
 
 from __future__ import annotations
