@@ -52,7 +52,8 @@ from tagtune.templates import read_template
 from tagtune.text import normalize, stable_hash
 
 IN_DOMAIN = ("qa", "chat")
-WRITES = ("metrics.json", "answers.jsonl", "answers.csv", "report.md", "figures")  # paths.evaluate
+# paths.evaluate; DVC writes the .gitignore (its outs are files inside the directory) and rewrites it
+WRITES = ("metrics.json", "answers.jsonl", "answers.csv", "report.md", "figures", ".gitignore")
 SIDES = ("tuned", "base")
 TEXT_SAMPLES = 8  # held-out text lines whose opening each model continues (report samples, not metrics)
 _WORD = re.compile(r"\w+", re.UNICODE)

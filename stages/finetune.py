@@ -183,6 +183,17 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
+def _peek(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """`resume_point` without changing anything."""
+    try:
+        if json.loads((ckpt_dir / "fingerprint.json").read_text()).get("fingerprint") != fingerprint:
+            return None
+    except (OSError, ValueError):  # absent, or being written by rank 0 for a fresh start
+        return None
+    complete, _ = complete_checkpoints(ckpt_dir)
+    return next((c for c in reversed(complete) if checkpoint_problem(c) is None), None)
+
+
 def _readable(complete: list[Path]) -> Path | None:
     """The newest checkpoint that passes `checkpoint_problem`; unreadable newer ones are removed."""
     skipped = False
@@ -202,9 +213,15 @@ def _readable(complete: list[Path]) -> Path | None:
     return None
 
 
-def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
+def resume_point(ckpt_dir: Path, fingerprint: str, manage: bool = True) -> Path | None:
     """The checkpoint to resume from, if any; stale (other config/data), incomplete and unreadable
-    ones are removed (an unreadable newest one falls back to the previous complete one)."""
+    ones are removed (an unreadable newest one falls back to the previous complete one).
+
+    `manage=False` (DDP ranks other than 0) only reads: rank 0 alone removes and writes, and the
+    same checks lead every rank to the same checkpoint.
+    """
+    if not manage:
+        return _peek(ckpt_dir, fingerprint)
     fp_file = ckpt_dir / "fingerprint.json"
     if ckpt_dir.is_dir() and (
         not fp_file.is_file() or json.loads(fp_file.read_text()).get("fingerprint") != fingerprint
@@ -216,7 +233,8 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
         )
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(fp_file, {"fingerprint": fingerprint})
+    if not fp_file.is_file():  # written once: other DDP ranks read it meanwhile (_peek)
+        write_json(fp_file, {"fingerprint": fingerprint})
     complete, incomplete = complete_checkpoints(ckpt_dir)
     last = complete[-1] if complete else None
     for p in incomplete:
@@ -758,7 +776,7 @@ def finetune(
     precision = resolve_precision(cfg.precision, cfg.method)
 
     data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg)
-    resume = resume_point(checkpoints, fingerprint)
+    resume = resume_point(checkpoints, fingerprint, manage=int(os.environ.get("RANK", "0")) == 0)
     resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
     finished = bool(resume and cfg.max_steps and resumed_step >= cfg.max_steps)
     model = _build_model(
