@@ -23,7 +23,9 @@ DVC stays the judge of what is up to date, so a flow run and `dvc repro` leave t
 - Before a stage with a check in `stages.CHECKS` (register: `python -m stages.register --check`) the
   check runs: it deletes register.json if the MLflow registry lost its version, so DVC sees the
   stage out of date.
-- One flow run per workspace at a time (a lock file in .dvc/tmp), scheduled or by hand.
+- One run per workspace at a time: the flow holds the workspace lock that `python -m stages.<name>`
+  (what `dvc repro` runs) takes too (tagtune/io.py `workspace_lock`), so a flow and a `dvc repro` —
+  or two of either — never write the same outputs; the second one fails at once.
 
 Retries (`flow:` in params.yaml): transient errors — MLflow unreachable, connection/I/O errors —
 are retried with exponential backoff; bad data and bad params (DataError, ConfigError) fail at once.
@@ -32,7 +34,6 @@ are retried with exponential backoff; bad data and bad params (DataError, Config
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,14 +46,11 @@ from prefect.tasks import exponential_backoff
 
 from stages import CHECKS, STAGES, StageRun
 from tagtune.config import FlowConfig, load_params, write_overrides
-from tagtune.errors import ConfigError, TagtuneError
+from tagtune.errors import ConfigError
+from tagtune.io import WorkspaceBusyError, workspace_lock
 from tagtune.tracking import is_transient
 
-LOCK_FILE = ".dvc/tmp/tagtune-flow.lock"  # one flow run per workspace (scheduled or by hand)
-
-
-class WorkspaceBusyError(TagtuneError):
-    """Another flow run holds this workspace."""
+__all__ = ["WorkspaceBusyError", "pipeline", "stage_task", "headline"]
 
 
 # ---------------------------------------------------------------------------------------- retries
@@ -144,23 +142,6 @@ def _describe(changes: list[Any]) -> str:
         else:
             parts.append(str(c))
     return "; ".join(parts) or "changed"
-
-
-@contextlib.contextmanager
-def _workspace_lock(root: Path) -> Iterator[None]:
-    path = root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WorkspaceBusyError(
-                f"{root}: another tagtune flow run is using this workspace; try again when it ends"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------------------- flow
@@ -258,7 +239,7 @@ def pipeline(
     if not (root / ".dvc").is_dir():
         raise ConfigError(f"{root}: not a DVC repository (run the flow from the project root, or `dvc init`)")
     _quiet_dvc()
-    with contextlib.chdir(root), _workspace_lock(root):
+    with contextlib.chdir(root), workspace_lock(root):
         if overrides and (changed := write_overrides(params_path, overrides)):
             logger.info("params.yaml updated (like `dvc exp run -S`): %s", ", ".join(changed))
         p = load_params(params_path)

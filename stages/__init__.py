@@ -13,6 +13,7 @@ pipeline order; DVC (through `python -m stages.<name>`, i.e. `main` below), the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 from tagtune.config import Params, load_params
 from tagtune.errors import TagtuneError, error_line
+from tagtune.io import DISK_FULL, workspace_lock
 
 StageRun = Callable[[Params, Path], dict[str, Any]]
 
@@ -49,10 +51,19 @@ STAGES: dict[str, StageRun] = {
 CHECKS: dict[str, StageRun] = {"register": _entry("register", "check")}
 
 
+def _lock(root: Path):
+    """The workspace lock (shared with the Prefect flow); under torchrun only local rank 0 takes it."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return workspace_lock(root)
+
+
 def main(name: str, argv: list[str] | None = None) -> int:
     """`python -m stages.<name>`: read params.yaml (+ `-S` overrides), run the stage, print its result.
 
-    A TagtuneError (bad params, bad data, MLflow unreachable) prints one line and exits 1.
+    The stage holds the workspace lock, so a concurrent `dvc repro` stage or `tagtune run` flow in
+    the same workspace fails at once instead of writing the same outputs. A TagtuneError (bad params,
+    bad data, MLflow unreachable, workspace busy) or a full disk prints one line and exits 1.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads fighting torch
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}")
@@ -63,9 +74,18 @@ def main(name: str, argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fn = CHECKS[name] if getattr(args, "check", False) else STAGES[name]
     try:
-        result = fn(load_params(args.params, args.set), Path("."))
+        params = load_params(args.params, args.set)
+        with _lock(Path(".")):
+            result = fn(params, Path("."))
     except TagtuneError as e:
         print(error_line(name, e), file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(
+            error_line(name, TagtuneError(f"{e.filename or '.'}: no space left on device")), file=sys.stderr
+        )
         return 1
     print(json.dumps(result, indent=2, default=str))
     return 0

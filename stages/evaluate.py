@@ -31,7 +31,11 @@ Writes `paths.evaluate/` (atomically):
 
 Generation is batched (left-padded, KV cache, stop at the end marker) with `evaluate.generation`
 (greedy unless configured); `evaluate.max_examples` takes a deterministic sample that keeps every
-kind of row.
+kind of row. Text rows (`format.template: text`) are scored by loss/perplexity; the openings of a few
+held-out lines are continued by each model as report samples (not metrics).
+
+The finetuned weights are checked against the sha256 in training.json before they are loaded, and a
+NaN/inf metric (a broken model) is an error: nothing is written or logged.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tagtune.config import EvaluateConfig, MlflowConfig, Params
+from tagtune.config import LOWER_IS_BETTER, EvaluateConfig, MlflowConfig, Params
 from tagtune.encoding import IGNORE_INDEX, PadCollator, encode_example
-from tagtune.errors import DataError
+from tagtune.errors import DataError, TagtuneError
 from tagtune.generation import Answer
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from tagtune.retrieval import FactIndex
@@ -52,16 +56,10 @@ from tagtune.templates import read_template, refusal_answer
 from tagtune.text import exact_match, normalize, stable_hash, token_f1, words
 
 IN_DOMAIN = ("qa", "chat")
+# paths.evaluate; DVC writes the .gitignore (its outs are files inside the directory) and rewrites it
+WRITES = ("metrics.json", "answers.jsonl", "answers.csv", "report.md", "figures", ".gitignore")
 SIDES = ("tuned", "base")
-# metrics where a lower value is better (for the report's "better" column and the chart)
-LOWER_IS_BETTER = {
-    "eval_loss",
-    "perplexity",
-    "confident_wrong_rate",
-    "false_refusal_rate",
-    "repetition_rate",
-    "truncation_rate",
-}
+TEXT_SAMPLES = 8  # held-out text lines whose opening each model continues (report samples, not metrics)
 
 
 # ------------------------------------------------------------------------------- answer-level scores
@@ -149,7 +147,7 @@ def aggregate(scored: list[dict[str, Any]], has_refusal: bool) -> dict[str, floa
         n_tok = sum(r["tokens"] for r in with_loss)
         out["eval_loss"] = total / n_tok
         out["perplexity"] = math.exp(min(total / n_tok, 50.0))
-    gen = [r for r in scored if r.get("answer") is not None]
+    gen = [r for r in scored if r.get("answer") is not None and r["kind"] != "text"]  # text: samples only
     ind = [r for r in gen if r["kind"] in IN_DOMAIN]
     ref = [r for r in gen if r["kind"] == "refusal"]
     out["exact_match"] = _mean([r["exact_match"] for r in ind])
@@ -243,6 +241,28 @@ def _grounded(rows: list[dict[str, Any]], index: Any, template: dict, k: int, to
     return out
 
 
+def _opening(text: str) -> tuple[str, str] | None:
+    """(the first half of a line's words, at most 12, the rest) — what a text model is asked to continue."""
+    words = text.split()
+    if len(words) < 2:
+        return None
+    k = min(12, len(words) // 2)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def _prompts(rows: list[dict[str, Any]]) -> dict[int, tuple[str, str | None]]:
+    """{row index: (prompt, reference of a text sample)}: every Q&A prompt, and the openings of the
+    first TEXT_SAMPLES held-out text lines (so text-mode reports show what the model writes)."""
+    out: dict[int, tuple[str, str | None]] = {}
+    texts = 0
+    for i, r in enumerate(rows):
+        if r["kind"] != "text" and r.get("prompt"):
+            out[i] = (r["prompt"], None)
+        elif r["kind"] == "text" and texts < TEXT_SAMPLES and (split := _opening(r.get("reference", ""))):
+            out[i], texts = split, texts + 1
+    return out
+
+
 def _evaluate_causal(
     model: Any,
     tokenizer: Any,
@@ -261,12 +281,16 @@ def _evaluate_causal(
     from tagtune.grounding import abstain, cite
 
     losses = answer_losses(model, tokenizer, rows, max_length, cfg.batch_size)
-    gen_idx = [i for i, r in enumerate(rows) if r["kind"] != "text" and r.get("prompt")]
-    prompts = [rows[i]["prompt"] for i in gen_idx]
+    prompts = _prompts(rows)
     answers = generate_answers(
-        model, tokenizer, prompts, cfg.generation, template.get("end_marker"), cfg.batch_size
+        model,
+        tokenizer,
+        [p for p, _ in prompts.values()],
+        cfg.generation,
+        template.get("end_marker"),
+        cfg.batch_size,
     )
-    by_row = dict(zip(gen_idx, answers, strict=True))
+    by_row = dict(zip(prompts, answers, strict=True))
     refusal = refusal_answer(template)
     table = []
     for i, r in enumerate(rows):
@@ -284,6 +308,8 @@ def _evaluate_causal(
         if "hits" in r:
             gold = normalize(r.get("reference", ""))
             rec["retrieved"] = any(normalize(h.fact.text) == gold for h in r["hits"])
+        if r["kind"] == "text" and i in prompts:  # a continuation sample: the opening and the rest
+            rec["question"], rec["reference"] = prompts[i][0], prompts[i][1]
         if i in by_row:
             raw = by_row[i]
             final = replace(raw, text=abstain(raw.text, raw.logprob, threshold, template))
@@ -494,7 +520,7 @@ def _report(
     wide = _wide_rows(table)
     shown: Counter[str] = Counter()
     for r in wide:
-        if shown[r["kind"]] >= 4:
+        if shown[r["kind"]] >= 4 or (r["kind"] == "text" and r.get("tuned_answer") is None):
             continue
         shown[r["kind"]] += 1
         cells = [
@@ -586,6 +612,25 @@ def _causal_sides(
     return table, metrics
 
 
+class EvaluationError(TagtuneError):
+    """The evaluation produced numbers that mean nothing (NaN/inf): nothing is written or logged."""
+
+
+def _check_finite(metrics: dict[str, float]) -> None:
+    """Raise if any metric is NaN or infinite (a broken model), before anything is written.
+
+    Raises:
+        EvaluationError: naming the metrics.
+    """
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in list(bad.items())[:6])
+        raise EvaluationError(
+            f"evaluate: metrics not finite ({shown}): the model outputs NaN/inf, so its scores mean nothing; "
+            "nothing was written (re-run finetune, or check the base model's weights)"
+        )
+
+
 def evaluate(
     splits: Path,
     finetuned: Path,
@@ -611,6 +656,8 @@ def evaluate(
 
     Raises:
         DataError: missing/empty test split or finetune output.
+        ModelIntegrityError: the weights differ from the sha256 finetune recorded.
+        EvaluationError: a metric is NaN/inf (nothing is written).
         tracking.TrackingError: MLflow unreachable (the outputs are already written).
     """
     from tagtune.models import load_finetuned
@@ -640,13 +687,9 @@ def evaluate(
             metrics[f"delta.{name}"] = round(metrics[key] - metrics[f"base.{name}"], 6)
     for r in table:
         r.pop("nll", None)
-    if not all(math.isfinite(v) for k, v in metrics.items() if k != "abstain.threshold"):
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k != "abstain.threshold")
-        raise DataError(
-            finetuned, None, f"the model gives non-finite metrics {bad}: it is broken (NaN weights?)"
-        )
+    _check_finite(metrics)
 
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         write_json(tmp / "metrics.json", metrics)
         write_jsonl(tmp / "answers.jsonl", table)

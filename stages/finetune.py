@@ -10,12 +10,21 @@ command resumes from the newest *complete* checkpoint and keeps counting steps.
 
 Writes `paths.finetune/`: `adapter/` (LoRA) and/or `model/` (merged or fully trained, safetensors
 + tokenizer), `template.json` (how to prompt it), `training.json` (steps, tokens, wall time, peak
-memory, MLflow run id), `loss.csv`.
+memory, MLflow run id, the weights' sha256 that evaluate/register/serving verify), `loss.csv`,
+`label_audit.md`.
+
+Trust nothing: before step 1 a label audit checks the encoded batches (every example trains some
+tokens, its end tag and EOS); a NaN/inf loss, gradient norm or weight stops the run with nothing
+written (the MLflow run ends FAILED); each checkpoint's COMPLETE marker holds a sha256 manifest, and
+an unreadable newest checkpoint falls back to the previous complete one. A resumed run restores the
+earlier step losses from the checkpoint, so loss.csv and MLflow keep the whole curve, each step once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -29,14 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params, RetrievalConfig
-from tagtune.encoding import PadCollator, build_cls_features, build_lm_features
-from tagtune.errors import DataError, TagtuneError
+from tagtune.encoding import IGNORE_INDEX, PadCollator, build_cls_features, build_lm_features
+from tagtune.errors import ConfigError, DataError, TagtuneError
 from tagtune.grounding import training_segments
-from tagtune.io import atomic_path, read_jsonl, write_json
+from tagtune.io import atomic_path, check_replaceable, read_jsonl, write_json
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
 from tagtune.text import stable_hash
 
+# what finetune writes to paths.finetune (an existing directory holding anything else is not replaced)
+WRITES = ("adapter", "model", "training.json", "template.json", "loss.csv", "label_audit.md")
 COMPLETE_MARKER = "COMPLETE"  # written after Trainer finished saving a checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -125,19 +136,107 @@ def complete_checkpoints(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
     return complete, [p for _, p in found if not (p / COMPLETE_MARKER).is_file()]
 
 
-def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The checkpoint to resume from, if any; stale (other config/data) or incomplete ones are removed."""
+def checkpoint_manifest(ckpt: Path) -> dict[str, list]:
+    """{relative file: [size, sha256]} of everything in a checkpoint (written into its COMPLETE marker)."""
+    from tagtune.models import sha256_file
+
+    files = sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != COMPLETE_MARKER)
+    return {f.relative_to(ckpt).as_posix(): [f.stat().st_size, sha256_file(f)] for f in files}
+
+
+def _structure_problem(f: Path) -> str | None:
+    """A checkpoint file that does not parse (for markers written before manifests existed)."""
+    import zipfile
+
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "np") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    st.get_slice(key)
+        elif f.suffix == ".json":
+            json.loads(f.read_text(encoding="utf-8"))
+        elif f.suffix in (".pt", ".pth") and zipfile.ZipFile(f).testzip() is not None:
+            return "a damaged entry"
+    except Exception as e:  # noqa: BLE001 - any failure to parse means "cannot resume from it"
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a complete-marked checkpoint cannot be resumed from (files missing, changed, unreadable)."""
+    try:
+        manifest = json.loads((ckpt / COMPLETE_MARKER).read_text()).get("files")
+    except (ValueError, AttributeError, OSError):
+        manifest = None  # a marker from before manifests: check that each file parses
+    if not manifest:
+        files = [f.relative_to(ckpt).as_posix() for f in ckpt.rglob("*") if f.is_file()]
+        if "trainer_state.json" not in files:
+            return "trainer_state.json is missing"
+        problems = ((f, _structure_problem(ckpt / f)) for f in sorted(files))
+        return next((f"{f}: {why}" for f, why in problems if why), None)
+    current = checkpoint_manifest(ckpt)
+    for rel, expected in manifest.items():
+        if rel not in current:
+            return f"{rel} is missing"
+        if current[rel] != expected:
+            return f"{rel} changed since it was saved ({current[rel][0]} bytes, was {expected[0]})"
+    return None
+
+
+def _peek(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """`resume_point` without changing anything."""
+    try:
+        if json.loads((ckpt_dir / "fingerprint.json").read_text()).get("fingerprint") != fingerprint:
+            return None
+    except (OSError, ValueError):  # absent, or being written by rank 0 for a fresh start
+        return None
+    complete, _ = complete_checkpoints(ckpt_dir)
+    return next((c for c in reversed(complete) if checkpoint_problem(c) is None), None)
+
+
+def _readable(complete: list[Path]) -> Path | None:
+    """The newest checkpoint that passes `checkpoint_problem`; unreadable newer ones are removed."""
+    skipped = False
+    for ckpt in reversed(complete):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if skipped:
+                print(f"tagtune finetune: resuming from {ckpt} instead", file=sys.stderr)
+            return ckpt
+        print(
+            f"tagtune finetune: warning: skipping unreadable checkpoint {ckpt} ({problem})", file=sys.stderr
+        )
+        shutil.rmtree(ckpt, ignore_errors=True)
+        skipped = True
+    if skipped:
+        print("tagtune finetune: no readable checkpoint left; starting from the base model", file=sys.stderr)
+    return None
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str, manage: bool = True) -> Path | None:
+    """The checkpoint to resume from, if any; stale (other config/data), incomplete and unreadable
+    ones are removed (an unreadable newest one falls back to the previous complete one).
+
+    `manage=False` (DDP ranks other than 0) only reads: rank 0 alone removes and writes, and the
+    same checks lead every rank to the same checkpoint.
+    """
+    if not manage:
+        return _peek(ckpt_dir, fingerprint)
     fp_file = ckpt_dir / "fingerprint.json"
     if ckpt_dir.is_dir() and (
         not fp_file.is_file() or json.loads(fp_file.read_text()).get("fingerprint") != fingerprint
     ):
+        check_replaceable(ckpt_dir, owned=("checkpoint-*", "fingerprint.json"))  # ours to delete?
         print(
             f"tagtune finetune: {ckpt_dir} holds checkpoints of other data/params; starting fresh",
             file=sys.stderr,
         )
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(fp_file, {"fingerprint": fingerprint})
+    if not fp_file.is_file():  # written once: other DDP ranks read it meanwhile (_peek)
+        write_json(fp_file, {"fingerprint": fingerprint})
     complete, incomplete = complete_checkpoints(ckpt_dir)
     last = complete[-1] if complete else None
     for p in incomplete:
@@ -146,29 +245,62 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
                 f"skipping incomplete checkpoint {p} (the run was killed while saving it)", stacklevel=2
             )
         shutil.rmtree(p, ignore_errors=True)
-    return last
+    return _readable(complete)
+
+
+class DivergedError(TagtuneError):
+    """The loss, gradient norm or weights became NaN/inf: training stopped, nothing was written."""
+
+
+def _diverged(what: str, value: Any, step: int, cfg: FinetuneConfig) -> DivergedError:
+    return DivergedError(
+        f"finetune: the {what} is not finite ({value}) at step {step}: training diverged and was stopped, "
+        f"no model was written (lower finetune.learning_rate={cfg.learning_rate:g}, or use "
+        "finetune.precision: fp32 if fp16/bf16 overflowed)"
+    )
+
+
+def _nonfinite_weights(model: Any) -> str | None:
+    """The first trainable parameter holding NaN/inf, if any."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            return name
+    return None
 
 
 def _callbacks(cfg: FinetuneConfig, log_rows: list[dict], tracker: _Tracker | None):
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete only after Trainer has written all of it."""
+        """Mark a checkpoint complete (with a manifest of its files' hashes) only after Trainer has
+        written all of it, and only if its weights are finite: a diverged run leaves nothing to resume."""
 
-        def on_save(self, args, state, control, **kw):
+        def on_save(self, args, state, control, model=None, **kw):
+            if model is not None and (bad := _nonfinite_weights(model)):
+                raise _diverged(f"weight {bad}", "nan/inf", state.global_step, cfg)
             if state.is_world_process_zero:
                 p = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if p.is_dir():
-                    (p / COMPLETE_MARKER).write_text(str(state.global_step))
+                    marker = {"step": state.global_step, "files": checkpoint_manifest(p)}
+                    (p / COMPLETE_MARKER).write_text(json.dumps(marker))
 
     class StepMetrics(TrainerCallback):
-        """loss / lr / grad-norm / tokens-per-second per logging step → loss.csv rows and MLflow."""
+        """loss / lr / grad-norm / tokens-per-second per logging step → loss.csv rows and MLflow;
+        a non-finite loss or gradient norm stops the run."""
 
         def __init__(self):
             self.t, self.tokens = time.perf_counter(), None
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not logs or "loss" not in logs:
+                return
+            for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+                value = logs.get(key)
+                if isinstance(value, float | int) and not math.isfinite(value):
+                    raise _diverged(what, value, state.global_step, cfg)
+            if not state.is_world_process_zero:
                 return
             now, seen = time.perf_counter(), state.num_input_tokens_seen
             tps = (seen - self.tokens) / (now - self.t) if self.tokens is not None and now > self.t else None
@@ -188,12 +320,22 @@ def _callbacks(cfg: FinetuneConfig, log_rows: list[dict], tracker: _Tracker | No
 
 
 class _Tracker:
-    """Buffers step metrics and sends them to MLflow in batches; a failed send warns, never kills training."""
+    """Buffers step metrics and sends them to MLflow in batches; a failed send warns, never kills training.
+
+    Steps the run already has (sent before a crash) are not sent again, so a resumed run's history
+    holds every step once.
+    """
 
     def __init__(self, cfg: MlflowConfig, run_id: str, every: int = 10):
+        from tagtune import tracking
+
         self.cfg, self.run_id, self.every, self.buffer = cfg, run_id, every, []
+        self.logged = tracking.metric_steps(cfg, run_id, "train/loss")
 
     def add(self, row: dict[str, Any]) -> None:
+        if row["step"] in self.logged:
+            return
+        self.logged.add(row["step"])
         self.buffer += [
             (f"train/{k}", v, row["step"]) for k, v in row.items() if k != "step" and v is not None
         ]
@@ -293,6 +435,74 @@ def _features(
             f"no example has a trained token within finetune.max_length={cfg.max_length}{hint}",
         )
     return data
+
+
+# ------------------------------------------------------------------------------------- label audit
+AUDIT_FILE = "label_audit.md"  # a few encoded examples with the trained span marked (also in MLflow)
+AUDIT_SHOWN = 3
+TRAIN_MARK = ("⟦", "⟧")
+
+
+class LabelAuditError(TagtuneError):
+    """An encoded example would not train what it must (any token, its end tag, EOS)."""
+
+
+def _label_problem(
+    ids: list[int], trained: list[bool], tokenizer: Any, end: str | None, cut: bool
+) -> str | None:
+    """What is wrong with one encoded example's labels, if anything (`cut`: truncated at max_length)."""
+    if not any(trained):
+        return "no trained tokens (its answer is masked or was truncated away)"
+    if cut:  # the end was cut off: counted as truncated, not a labelling error
+        return None
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids[-1] == eos and not trained[-1]:
+        return "EOS (the stop token) is not trained: the model would never learn to stop"
+    answer = tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t])
+    if end and end not in answer:
+        return f"the end tag {end!r} is not trained: the model would never learn to emit it"
+    return None
+
+
+def _render_trained(ids: list[int], trained: list[bool], tokenizer: Any) -> str:
+    """The decoded example with each trained run of tokens inside ⟦ ⟧."""
+    out = []
+    for flag, run in itertools.groupby(zip(ids, trained, strict=True), key=lambda pair: pair[1]):
+        text = tokenizer.decode([i for i, _ in run])
+        out.append(f"{TRAIN_MARK[0]}{text}{TRAIN_MARK[1]}" if flag else text)
+    return "".join(out)
+
+
+def label_audit(collate: Any, tokenizer: Any, data: _Data, template: dict, cfg: FinetuneConfig) -> str:
+    """Check the encoded train batches before step 1: every example trains some tokens, and (unless
+    truncated) its end tag and EOS. Returns label_audit.md: a few examples with the trained span marked.
+
+    Raises:
+        LabelAuditError: naming the first bad example (`source:line`) and what is wrong.
+    """
+    end, shown = template.get("end_marker"), []
+    for start in range(0, len(data.train) if not data.labels else 0, cfg.batch_size):
+        feats = data.train[start : start + cfg.batch_size]
+        batch = collate(feats)  # the Trainer's own collator: the tensors the model will see
+        for f, ids, labels, mask in zip(
+            feats, batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+        ):
+            n = int(mask.sum())
+            ids_n, trained = ids[:n].tolist(), [int(x) != IGNORE_INDEX for x in labels[:n]]
+            if problem := _label_problem(ids_n, trained, tokenizer, end, f["truncated"]):
+                raise LabelAuditError(f"{f['origin']}: {problem} (finetune's label audit, before step 1)")
+            if len(shown) < AUDIT_SHOWN:
+                shown.append(
+                    f"## {f['origin']}\n\n```text\n{_render_trained(ids_n, trained, tokenizer)}\n```\n"
+                )
+    if data.labels:
+        checked = "Classification: one class label per example, no token spans to check."
+    else:
+        tag = f", its end tag {end!r}" if end else ""
+        checked = f"{len(data.train)} train examples checked: each trains some tokens{tag} and EOS unless truncated."
+    legend = f"Text inside {TRAIN_MARK[0]} {TRAIN_MARK[1]} is trained (has loss); the rest is masked."
+    head = f"# Label audit (finetune, before step 1)\n\n{checked}\n{legend} EOS = {tokenizer.eos_token!r}.\n"
+    return "\n".join([head, *shown])
 
 
 def _build_model(
@@ -396,6 +606,42 @@ def _open_run(
     return run_id
 
 
+@contextlib.contextmanager
+def _marks_failure(mlflow_cfg: MlflowConfig | None, run_id: str | None):
+    """End the MLflow run as FAILED (KILLED on Ctrl-C) when the block raises, then re-raise (progress
+    bars closed first, so the error is the last line the user sees)."""
+    try:
+        yield
+    except BaseException as e:
+        from tqdm.auto import tqdm
+
+        for bar in list(
+            getattr(tqdm, "_instances", ())
+        ):  # Trainer's bar: closed now, not after the error line
+            bar.close()
+        if run_id is not None:
+            from tagtune import tracking
+
+            with contextlib.suppress(Exception):  # the original error matters more
+                tracking.end_run(
+                    mlflow_cfg, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                )
+        raise
+
+
+def _restored_rows(resume: Path | None) -> list[dict[str, Any]]:
+    """loss.csv rows of the steps before `resume` (its trainer state's log history): a resumed run
+    keeps the whole loss curve, not only the steps it trained itself."""
+    if resume is None:
+        return []
+    state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+    return [
+        {"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), "grad_norm": h.get("grad_norm"),
+         "tokens_per_s": None}
+        for h in state.get("log_history", []) if "loss" in h and "step" in h
+    ]  # fmt: skip
+
+
 def _train_or_resume(trainer: Any, resume: Path | None, finished: bool) -> float:
     """Train (from `resume` if given); returns the mean training loss.
 
@@ -413,13 +659,19 @@ def _train_or_resume(trainer: Any, resume: Path | None, finished: bool) -> float
 
 
 def _write_outputs(
-    out_dir: Path, trainer: Any, tokenizer: Any, cfg: FinetuneConfig, facts: dict, template: dict, log_rows: list
+    out_dir: Path, trainer: Any, tokenizer: Any, cfg: FinetuneConfig, facts: dict, template: dict,
+    log_rows: list, audit: str,
 ) -> None:  # fmt: skip
-    """out_dir (atomically): the model, training.json, template.json, loss.csv."""
-    with atomic_path(out_dir) as tmp:
+    """out_dir (atomically): the model, training.json (with the weights' sha256, which evaluate,
+    register and serving verify), template.json, loss.csv, label_audit.md."""
+    from tagtune.models import WEIGHTS_KEY, weights_sha256
+
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         _save(trainer.model, tokenizer, cfg, tmp)
+        facts[WEIGHTS_KEY] = weights_sha256(tmp)
         write_json(tmp / "training.json", facts)
+        (tmp / AUDIT_FILE).write_text(audit, encoding="utf-8")
         write_template(tmp, template)
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "tokens_per_s"])
@@ -443,8 +695,11 @@ def _facts(
 ) -> dict[str, Any]:
     """What the run did: steps, tokens, time, losses, memory, data counts."""
     seen = trainer.state.num_input_tokens_seen
+    params = list(trainer.model.parameters())
     return {
         "steps": trainer.state.global_step,
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
         "train_examples": len(data.train),
         "tokens_seen": int(seen),
         "wall_time_s": round(wall, 2),
@@ -500,11 +755,9 @@ def _tokenizer(base_dir: str, template: dict[str, Any]) -> tuple[Any, list[str]]
 
 
 def _setup(splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[dict, str, Any, list[str]]:
-    """(template facts, base model dir, tokenizer, new tag tokens), with the task checked and seeds set."""
-    import torch
-    from transformers import set_seed
-
-    from tagtune.models import resolve_base
+    """(template facts, base model dir, tokenizer, new tag tokens), with the task, the base model and
+    its context checked (before torch loads) and seeds set."""
+    from tagtune.models import model_context, resolve_base
 
     template = read_template(splits)
     if cfg.task != template["task"]:
@@ -513,9 +766,18 @@ def _setup(splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[d
             None,
             f"data is for task {template['task']!r} but finetune.task is {cfg.task!r}",
         )
+    base_dir = resolve_base(model_cfg.base, model_cfg.cache_dir, model_cfg.allow_pickle)
+    context = model_context(base_dir)
+    if context is not None and cfg.max_length > context:
+        raise ConfigError(
+            f"finetune.max_length: {cfg.max_length} is beyond the base model's context ({context} tokens, "
+            f"{Path(base_dir) / 'config.json'}); use at most {context}"
+        )
+    import torch
+    from transformers import set_seed
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base_dir = resolve_base(model_cfg.base, model_cfg.cache_dir, model_cfg.allow_pickle)
     set_seed(cfg.seed)
     return template, base_dir, *_tokenizer(base_dir, template)
 
@@ -550,14 +812,12 @@ def finetune(
     precision = resolve_precision(cfg.precision, cfg.method)
 
     data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg, grounded)
-    resume = resume_point(checkpoints, fingerprint)
+    resume = resume_point(checkpoints, fingerprint, manage=int(os.environ.get("RANK", "0")) == 0)
     resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
     finished = bool(resume and cfg.max_steps and resumed_step >= cfg.max_steps)
     model = _build_model(
         base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, resume if finished else None
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     run_params = {
         "finetune": cfg.model_dump(),
         "model.base": model_cfg.base,
@@ -565,37 +825,44 @@ def finetune(
         "precision": precision,
     }
     run_id = _open_run(mlflow_cfg, fingerprint, data_digest, run_params)
-    tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
+    with _marks_failure(mlflow_cfg, run_id):  # a crash leaves the MLflow run FAILED, not RUNNING
+        tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
+        log_rows = _restored_rows(resume)  # steps before the checkpoint, from its trainer state
+        for row in log_rows if tracker else []:
+            tracker.add(row)
+        trainer = _trainer(
+            model, tokenizer, data, _training_args(cfg, checkpoints, precision), cfg, log_rows, tracker
+        )
+        audit = label_audit(trainer.data_collator, tokenizer, data, template, cfg)
+        if run_id and trainer.is_world_process_zero():
+            from tagtune import tracking
 
-    log_rows: list[dict] = []
-    trainer = _trainer(
-        model, tokenizer, data, _training_args(cfg, checkpoints, precision), cfg, log_rows, tracker
-    )
-    start = time.perf_counter()
-    train_loss = _train_or_resume(trainer, resume, finished)
-    wall = time.perf_counter() - start
-    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
-    if not trainer.is_world_process_zero():
-        return {}
-
-    facts = {
-        **_facts(trainer, data, wall, train_loss, val_loss),
-        "task": cfg.task,
-        "method": cfg.method,
-        "base_model": model_cfg.base,
-        "base_model_dir": base_dir,
-        "max_length": cfg.max_length,
-        "grounded": grounded.model_dump() if grounded else None,  # evaluate and serving retrieve the same way
-        "resumed_from_step": resumed_step,
-        "trainable_params": trainable,
-        "total_params": total,
-        "precision": precision,
-        "fingerprint": fingerprint,
-        "mlflow_run_id": run_id,
-    }
-    _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows)
-    if tracker is not None:
-        _log_final(mlflow_cfg, run_id, tracker, facts)
+            tracking.log_text(mlflow_cfg, run_id, audit, f"finetune/{AUDIT_FILE}")
+        start = time.perf_counter()
+        train_loss = _train_or_resume(trainer, resume, finished)
+        wall = time.perf_counter() - start
+        val_loss = trainer.evaluate()["eval_loss"] if data.val else None
+        for what, value in (("mean training loss", train_loss), ("validation loss", val_loss)):
+            if value is not None and not math.isfinite(value):
+                raise _diverged(what, value, trainer.state.global_step, cfg)
+        if not trainer.is_world_process_zero():
+            return {}
+        facts = {
+            **_facts(trainer, data, wall, train_loss, val_loss),
+            "task": cfg.task,
+            "method": cfg.method,
+            "base_model": model_cfg.base,
+            "base_model_dir": base_dir,
+            "max_length": cfg.max_length,
+            "grounded": grounded.model_dump() if grounded else None,  # evaluate and serving retrieve alike
+            "resumed_from_step": resumed_step,
+            "precision": precision,
+            "fingerprint": fingerprint,
+            "mlflow_run_id": run_id,
+        }
+        _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows, audit)
+        if tracker is not None:
+            _log_final(mlflow_cfg, run_id, tracker, facts)
     return facts
 
 

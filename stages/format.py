@@ -6,13 +6,16 @@ Each example keeps the prompt/answer boundary as `segments`: a list of `[text, t
 finetune puts loss on the answers only (the model stops echoing questions). The templates (`tagged`,
 `chat`, `text`) live in tagtune/templates.py; their facts are written as `template.json`.
 
-Out-of-domain questions from `format.refusal.questions` become rows answered with the refusal.
-Exact and normalised duplicates are removed (counted in stats.json). `preview.md` shows the first
-rendered examples with the trained part marked — the first thing to read when a template looks off.
+Out-of-domain questions from `format.refusal.questions` become rows answered with the refusal (not for
+classification data: skipped with a note; a refusal question that is also an in-domain question is an
+error). Exact and normalised duplicates are removed (counted in stats.json). `preview.md` shows the
+first rendered examples with the trained part marked (long lines clipped) — the first thing to read
+when a template looks off.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from tagtune.templates import Renderer, refusal_answer, renderer, template_facts
 from tagtune.text import normalize, stable_hash
 
 TRAIN_MARK = ("⟦", "⟧")  # how preview.md marks the trained spans
+WRITES = ("examples.jsonl", "template.json", "stats.json", "preview.md")  # paths.format
 
 
 def _read_refusal_questions(path: Path) -> list[tuple[int, str]]:
@@ -108,7 +112,17 @@ def _rendered(
         keys.append(_content_keys(row))
     if cfg.refusal is not None and cfg.refusal.questions:
         answer = refusal_answer({"refusal_answer": _refusal(rows, cfg)})
+        asked = {
+            normalize(e["question"]): f"{e['source']}:{e['line']}" for e in examples if e.get("question")
+        }
         for line, q in _read_refusal_questions(base_dir / cfg.refusal.questions):
+            if (origin := asked.get(normalize(q))) is not None:
+                raise DataError(
+                    cfg.refusal.questions,
+                    line,
+                    f"{q!r} is also an in-domain question ({origin}): a question cannot be both answered "
+                    "and refused; remove it from format.refusal.questions",
+                )
             msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
             row = {"source": cfg.refusal.questions, "line": line, "messages": msgs, "kind": "chat"}
             examples.append(_example(row, "refusal", render, cfg))
@@ -121,6 +135,24 @@ def _refusal(rows: list[dict[str, Any]], cfg: FormatConfig) -> str | None:
     if cfg.refusal is not None and cfg.refusal.answer:
         return cfg.refusal.answer
     return next((r["text"] for r in rows if r.get("kind") == "refusal"), None)
+
+
+def _refusal_fits(rows: list[dict[str, Any]], source: Path, cfg: FormatConfig) -> str | None:
+    """Why `format.refusal` does not apply to these rows (classification data), else None.
+
+    Raises:
+        DataError: classification rows mixed with chat/text rows (no single task fits them).
+    """
+    kinds = {r.get("kind") for r in rows}
+    if "classification" not in kinds:
+        return None
+    if kinds != {"classification"}:
+        raise DataError(
+            source, None, f"classification rows mixed with {sorted(kinds - {'classification'})} rows"
+        )
+    if cfg.refusal is None:
+        return None
+    return "format.refusal does not apply to classification data (refusals are answers, not labels)"
 
 
 def _dedupe(
@@ -167,6 +199,9 @@ def format_examples(
     """
     source = Path(ingested) / "rows.jsonl"
     rows = read_jsonl(source)
+    if skipped := _refusal_fits(rows, source, cfg):
+        print(f"tagtune format: note: {skipped}; its rows were skipped", file=sys.stderr)
+        cfg = cfg.model_copy(update={"refusal": None})
     examples, keys = _rendered(rows, source, renderer(cfg, tokenizer), cfg, Path(base_dir))
     kept, n_exact, n_norm = _dedupe(examples, keys)
     if not kept:
@@ -176,17 +211,35 @@ def format_examples(
         "rows_in": len(rows),
         "examples": len(kept),
         "refusal_rows": sum(e["kind"] == "refusal" for e in examples),
+        **({"refusal_skipped": skipped} if skipped else {}),
         "exact_duplicates": n_exact,
         "normalized_duplicates": n_norm,
         "kinds": {k: sum(e["kind"] == k for e in kept) for k in sorted({e["kind"] for e in kept})},
     }
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         write_jsonl(tmp / "examples.jsonl", kept)
         write_template(tmp, template_facts(cfg, task, _refusal(rows, cfg)))
         write_json(tmp / "stats.json", stats)
         (tmp / "preview.md").write_text(_preview(kept, cfg), encoding="utf-8")
     return stats
+
+
+PREVIEW_LINE_CHARS, PREVIEW_LINES = 300, 40  # per line / per example shown: a 10 MB line stays a preview
+
+
+def _clip(body: str) -> str:
+    """`body` with long lines cut and at most PREVIEW_LINES lines, saying how much was left out."""
+    lines = body.split("\n")
+    out = [
+        ln
+        if len(ln) <= PREVIEW_LINE_CHARS
+        else f"{ln[:PREVIEW_LINE_CHARS]} … ({len(ln) - PREVIEW_LINE_CHARS} more characters)"
+        for ln in lines[:PREVIEW_LINES]
+    ]
+    if len(lines) > PREVIEW_LINES:
+        out.append(f"… ({len(lines) - PREVIEW_LINES} more lines)")
+    return "\n".join(out)
 
 
 def _preview(examples: list[dict[str, Any]], cfg: FormatConfig) -> str:
@@ -201,7 +254,7 @@ def _preview(examples: list[dict[str, Any]], cfg: FormatConfig) -> str:
             body = f"{ex['text']}\n→ label: {o}{ex['label']}{c}"
         else:
             body = "".join(f"{o}{s}{c}" if t else s for s, t in ex["segments"])
-        out.append("```text\n" + body + "\n```\n")
+        out.append("```text\n" + _clip(body) + "\n```\n")
     return "\n".join(out)
 
 

@@ -21,7 +21,9 @@ from typing import Any
 
 from tagtune.config import IndexConfig, Params
 from tagtune.io import atomic_path, read_jsonl, write_json
-from tagtune.retrieval import FactIndex, facts_from_examples, facts_from_knowledge
+from tagtune.retrieval import BM25_DIR, FACTS_FILE, FactIndex, facts_from_examples, facts_from_knowledge
+
+WRITES = (FACTS_FILE, BM25_DIR, "stats.json")  # what index writes to paths.index (replaced as a whole)
 
 
 def index_facts(
@@ -47,7 +49,7 @@ def index_facts(
     facts = sorted([*trained, *(f for f in extra if f.id not in known)], key=lambda f: f.id)
     index = FactIndex(facts, include_questions=(cfg or IndexConfig()).include_questions)
     stats = {"facts": len(facts), "trained_facts": len(trained), "knowledge_facts": len(facts) - len(trained)}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         index.save(tmp)
         write_json(tmp / "stats.json", stats)
     return stats

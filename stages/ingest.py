@@ -24,6 +24,10 @@ Formats (`format: auto` picks one from the extension and the columns):
 
 Bad input raises DataError naming `file:line`; `on_invalid: skip` skips bad records instead (counted
 in stats.json), never unreadable files or sources left empty. Output is replaced atomically.
+
+Sources are regular files (a FIFO would hang, /dev/zero never ends) inside the repository, where DVC
+tracks them (`ingest.allow_outside: true` reads files elsewhere), at most `ingest.max_file_mb` per file
+and `ingest.max_line_chars` per line; a NUL byte is binary data, not text. SQL sources only read.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import io
 import itertools
 import json
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -211,19 +216,29 @@ REQUIRED_COLUMNS = {
 
 
 # -------------------------------------------------------------------------------- reading files
-def _read_text(path: Path, name: str) -> str:
-    """The whole file as text; a wrong encoding is a file error, not a skippable record."""
+def _read_text(path: Path, name: str, max_line: int) -> str:
+    """The whole file as text; a wrong encoding, a NUL byte (binary data) or a line longer than
+    `max_line` characters is a file error, not a skippable record."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(name, None, f"cannot read: {e.strerror}") from None
     try:
-        return data.decode("utf-8-sig")  # -sig: Excel writes a BOM before CSV headers
+        text = data.decode("utf-8-sig")  # -sig: Excel writes a BOM before CSV headers
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         problem = f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
         raise DataError(name, line, problem) from None
+    if (nul := text.find("\x00")) != -1:
+        raise DataError(name, text.count("\n", 0, nul) + 1, "NUL byte (binary data, not text)")
+    if len(text) > max_line:
+        for i, line in enumerate(text.split("\n"), 1):
+            if len(line) > max_line:
+                raise DataError(
+                    name, i, f"line of {len(line)} characters, over ingest.max_line_chars={max_line}"
+                )
+    return text
 
 
 def _lines(text: str) -> Records:
@@ -261,8 +276,10 @@ def _tagged_blocks(text: str, src: SourceConfig) -> Records:
         yield start_line(block), _Invalid(f"text outside a block (no {src.question_tag} or {src.end_tag})")
 
 
-def _read_csv(path: Path, name: str) -> tuple[list[str] | None, Records]:
-    reader = csv.reader(io.StringIO(_read_text(path, name), newline=""), strict=True)
+def _read_csv(path: Path, name: str, max_line: int) -> tuple[list[str] | None, Records]:
+    text = _read_text(path, name, max_line)
+    csv.field_size_limit(max(max_line, 131072))  # a field may be as long as a line
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, [])
     except csv.Error as e:
@@ -297,9 +314,9 @@ def _as_object(obj: Any) -> dict[str, Any] | _Invalid:
     return obj if isinstance(obj, dict) else _Invalid(f"expected a JSON object, got {type(obj).__name__}")
 
 
-def _read_jsonl(path: Path, name: str) -> tuple[list[str] | None, Records]:
+def _read_jsonl(path: Path, name: str, max_line: int) -> tuple[list[str] | None, Records]:
     def records() -> Records:
-        for i, line in _lines(_read_text(path, name)):
+        for i, line in _lines(_read_text(path, name, max_line)):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -310,9 +327,9 @@ def _read_jsonl(path: Path, name: str) -> tuple[list[str] | None, Records]:
     return None, records()  # no header: each record brings its own fields
 
 
-def _read_json(path: Path, name: str) -> tuple[list[str] | None, Records]:
+def _read_json(path: Path, name: str, max_line: int) -> tuple[list[str] | None, Records]:
     try:
-        data = json.loads(_read_text(path, name))
+        data = json.loads(_read_text(path, name, max_line))
     except json.JSONDecodeError as e:
         raise DataError(name, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
@@ -320,7 +337,7 @@ def _read_json(path: Path, name: str) -> tuple[list[str] | None, Records]:
     return None, ((i, _as_object(obj)) for i, obj in enumerate(data, 1))
 
 
-def _read_parquet(path: Path, name: str) -> tuple[list[str] | None, Records]:
+def _read_parquet(path: Path, name: str, max_line: int) -> tuple[list[str] | None, Records]:
     import pyarrow as pa  # imported here: most runs read no Parquet, and pyarrow is slow to import
     import pyarrow.parquet as pq
 
@@ -341,7 +358,7 @@ def _read_parquet(path: Path, name: str) -> tuple[list[str] | None, Records]:
     return pf.schema_arrow.names, records()
 
 
-TABLE_READERS: dict[str, Callable[[Path, str], tuple[list[str] | None, Records]]] = {
+TABLE_READERS: dict[str, Callable[[Path, str, int], tuple[list[str] | None, Records]]] = {
     ".csv": _read_csv,
     ".jsonl": _read_jsonl,
     ".json": _read_json,
@@ -416,7 +433,7 @@ def _table(
     return fmt, src, records
 
 
-def _open_file(path: Path, name: str, src: SourceConfig) -> tuple[str, SourceConfig, Records]:
+def _open_file(path: Path, name: str, src: SourceConfig, max_line: int) -> tuple[str, SourceConfig, Records]:
     """The resolved format, the effective source config and the records of one file."""
     fmt, ext = src.format, path.suffix.lower()
     if (
@@ -424,12 +441,12 @@ def _open_file(path: Path, name: str, src: SourceConfig) -> tuple[str, SourceCon
         or (fmt in ("text", "guanaco") and ext not in TABLE_READERS)
         or (fmt == "auto" and ext == ".txt")
     ):
-        text = _read_text(path, name)
+        text = _read_text(path, name, max_line)
         if fmt == "auto":
             fmt = "tagged" if src.end_tag in text else "guanaco" if GUANACO_TURN.search(text) else "text"
         return fmt, src, _tagged_blocks(text, src) if fmt == "tagged" else _lines(text)
     if ext in TABLE_READERS:
-        columns, records = TABLE_READERS[ext](path, name)
+        columns, records = TABLE_READERS[ext](path, name, max_line)
         return _table(name, fmt, src, columns, records, 1 if ext == ".csv" else None)
     if fmt == "auto" and ext in DB_EXTENSIONS:
         raise DataError(
@@ -448,9 +465,57 @@ def _open_file(path: Path, name: str, src: SourceConfig) -> tuple[str, SourceCon
 
 
 # --------------------------------------------------------------------------------------------- sql
-def _open_sql(src: SourceConfig, base_dir: Path) -> tuple[str, str, SourceConfig, Records] | None:
-    """(name, format, config, records) for an SQL source; None if it is optional and missing."""
-    from sqlalchemy import create_engine, text  # imported here: only `sql` sources need it
+def _sqlite_guard(dbapi_conn: Any, _record: Any) -> None:
+    """Let a SQLite connection only read: every statement but SELECT/READ/functions/CTEs/PRAGMA is
+    denied (mode=ro keeps the main database unchanged, but ATTACH or VACUUM INTO would create files)."""
+    import sqlite3
+
+    allowed = {
+        sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+        sqlite3.SQLITE_PRAGMA, sqlite3.SQLITE_TRANSACTION,
+    }  # fmt: skip
+    dbapi_conn.set_authorizer(
+        lambda action, *_: sqlite3.SQLITE_OK if action in allowed else sqlite3.SQLITE_DENY
+    )
+
+
+# Session-level read-only where the driver has it; other databases: use a read-only database user.
+_READ_ONLY_SQL = {
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "mariadb": "SET SESSION TRANSACTION READ ONLY",
+}
+
+
+def _read_only_engine(url: Any) -> Any:
+    """An engine whose connections cannot write (SQLite: authorizer; PostgreSQL/MySQL: read-only session)."""
+    from sqlalchemy import create_engine, event
+
+    engine = create_engine(url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_guard)
+    elif backend in _READ_ONLY_SQL:
+
+        def read_only(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute(_READ_ONLY_SQL[backend])
+            cursor.close()
+
+        event.listen(engine, "connect", read_only)
+    return engine
+
+
+def _open_sql(
+    src: SourceConfig, base_dir: Path, cfg: IngestConfig
+) -> tuple[str, str, SourceConfig, Records] | None:
+    """(name, format, config, records) for an SQL source; None if it is optional and missing.
+
+    SQLite files follow the source rules (a regular file inside the repository) and are opened
+    read-only with writes, ATTACH and VACUUM INTO denied; other databases get a read-only session
+    where the driver has one (PostgreSQL, MySQL), and the transaction is never committed.
+    """
+    from sqlalchemy import text  # imported here: only `sql` sources need it
     from sqlalchemy.engine import URL, make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -466,6 +531,7 @@ def _open_sql(src: SourceConfig, base_dir: Path) -> tuple[str, str, SourceConfig
             if src.optional:
                 return None
             raise DataError(name, None, f"SQLite database not found ({shown})")
+        _check_file(db, name, cfg, base_dir)
         # read-only, so a typo'd path can't create an empty database and a query can't write
         url = url.set(database=f"file:{quote(str(db.resolve()))}").update_query_dict(
             {"mode": "ro", "uri": "true"}
@@ -473,7 +539,7 @@ def _open_sql(src: SourceConfig, base_dir: Path) -> tuple[str, str, SourceConfig
 
     def records() -> Records:
         try:
-            with create_engine(url).connect() as conn:
+            with _read_only_engine(url).connect() as conn:
                 result = conn.execute(text(src.query or ""))
                 if not result.returns_rows:
                     raise DataError(name, None, f"query on {shown} returned no result set (use SELECT)")
@@ -494,6 +560,36 @@ def _display(path: Path, base_dir: Path) -> str:
         return path.relative_to(base_dir).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def _check_file(path: Path, name: str, cfg: IngestConfig, base_dir: Path) -> None:
+    """A source file must be a regular file (a FIFO would hang, /dev/zero never ends), inside the
+    repository unless `ingest.allow_outside`, and at most `ingest.max_file_mb`.
+
+    Raises:
+        DataError: naming the file and which rule it breaks.
+    """
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a file")
+        raise DataError(name, None, f"not a regular file ({kind}); sources must be regular files")
+    resolved, repo = path.resolve(), base_dir.resolve()
+    if not cfg.allow_outside and not resolved.is_relative_to(repo):
+        raise DataError(
+            name,
+            None,
+            f"outside the repository ({resolved} is not under {repo}); DVC cannot track it — copy it into "
+            "the repository, or set ingest.allow_outside: true",
+        )
+    if st.st_size > cfg.max_file_mb * (1 << 20):
+        size = st.st_size / (1 << 20)
+        raise DataError(name, None, f"{size:.1f} MB, over ingest.max_file_mb={cfg.max_file_mb:g}")
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
+)  # fmt: skip
 
 
 def _walk(directory: Path) -> list[Path]:
@@ -523,6 +619,7 @@ def _expand(src: SourceConfig, base_dir: Path) -> list[tuple[str, Path]]:
     return [(_display(f, base_dir), f) for f in files]
 
 
+WRITES = ("rows.jsonl", KNOWLEDGE, "stats.json")  # what ingest writes to paths.ingest (replaced as a whole)
 EMPTY = "empty"  # the resolved format of an optional source that has no rows
 
 
@@ -563,17 +660,19 @@ def _rows(cfg: IngestConfig, base_dir: Path, stats: dict[str, Any], train: bool)
     """Every row of every source with `train` as given, in order; fills `stats` as it goes."""
     for src in (s for s in cfg.sources if s.train == train):
         if src.format == "sql":
-            opened = _open_sql(src, base_dir)
+            opened = _open_sql(src, base_dir, cfg)
             if opened is None:
                 stats["sources"].append(_missing(src))
             else:
                 yield from _source_rows(*opened, cfg, stats)
             continue
         files = _expand(src, base_dir)
+        for name, path in files:  # all of a source's files are checked before any is read
+            _check_file(path, name, cfg, base_dir)
         if not files:
             stats["sources"].append(_missing(src))
         for name, path in files:
-            yield from _source_rows(name, *_open_file(path, name, src), cfg, stats)
+            yield from _source_rows(name, *_open_file(path, name, src, cfg.max_line_chars), cfg, stats)
 
 
 def ingest(cfg: IngestConfig, out_dir: Path, base_dir: Path = Path(".")) -> dict[str, Any]:
@@ -594,7 +693,7 @@ def ingest(cfg: IngestConfig, out_dir: Path, base_dir: Path = Path(".")) -> dict
         )
     base_dir = Path(base_dir)
     stats: dict[str, Any] = {"rows": 0, "sources": [], "skipped": 0, "skipped_examples": []}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         # Rows stream straight to disk (public datasets can be large); atomic_path discards the
         # partial directory if any source turns out bad.

@@ -53,8 +53,10 @@ def register(
     Raises:
         tracking.TrackingError: MLflow unreachable; registry.RegistryError: bad metric/registry state.
     """
+    from tagtune.models import verify_model_dir
     from tagtune.registry import register_model
 
+    verify_model_dir(finetuned)  # the bytes finetune wrote, or nothing is registered
     metrics = read_json(Path(evaluation) / "metrics.json")
     result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root), index)
     with atomic_path(Path(out_dir) / RESULT_FILE) as tmp:

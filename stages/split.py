@@ -34,6 +34,7 @@ from tagtune.templates import TEMPLATE_FILE
 from tagtune.text import normalize, unit_interval
 
 SPLITS = ("train", "val", "test")
+WRITES = (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "template.json")  # paths.split
 
 
 def example_key(ex: dict[str, Any]) -> str:
@@ -106,7 +107,7 @@ def split(formatted: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, Any]:
                 None,
                 f"labels {sorted(missing)} have no train rows; add data or change split.seed",
             )
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         for s in SPLITS:
             write_jsonl(tmp / f"{s}.jsonl", parts[s])

@@ -9,20 +9,37 @@ Every section is a frozen pydantic model that rejects unknown keys, so a typo su
 
 from __future__ import annotations
 
+import fnmatch
 import io
+import itertools
 import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from tagtune.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `.inf`/`.nan` is never a sane value (learning_rate: .inf trained a NaN model)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML `true` is not a number (pydantic's lax mode would read it as 1)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+# Integers are strict (no bools, no 2.5); floats take ints and numeric strings (PyYAML reads `1e-4`
+# as a string) but never bools.
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -46,6 +63,54 @@ class PathsConfig(_Section):
     checkpoints: Path = Path("models/checkpoints")  # resumable Trainer checkpoints (not a DVC output)
     evaluate: Path = Path("reports/evaluate")  # metrics.json, answers.jsonl, report.md, figures/
     register: Path = Path("reports/register")  # register.json: version, alias, decision
+
+    @model_validator(mode="after")
+    def _check(self) -> PathsConfig:
+        """No output replaces an input, another output, the repository or home (stages replace their
+        output directory as a whole)."""
+        problems = [
+            f"paths.{k} ({getattr(self, k)}) {why}"
+            for k in OUTPUT_PATHS
+            if (why := _unsafe(getattr(self, k)))
+        ]
+        named = [(f"paths.{k}", getattr(self, k)) for k in ("raw", *OUTPUT_PATHS)]
+        for i, (a, pa) in enumerate(named):
+            for b, pb in named[i + 1 :]:
+                if _overlap(pa, pb):
+                    problems.append(f"{b} ({pb}) overlaps {a} ({pa}): writing one would delete the other")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+OUTPUT_PATHS = ("ingest", "format", "split", "index", "finetune", "checkpoints", "evaluate", "register")
+
+
+def _norm(path: str | Path) -> str:
+    return os.path.normpath(str(path)).replace(os.sep, "/")
+
+
+def _inside(inner: str | Path, outer: str | Path) -> bool:
+    """`inner` is `outer` or below it (both relative, or both absolute; otherwise unknown: False)."""
+    a, b = _norm(inner), _norm(outer)
+    if os.path.isabs(a) != os.path.isabs(b):
+        return False
+    return a == b or b == "." or a.startswith(b.rstrip("/") + "/")
+
+
+def _overlap(a: str | Path, b: str | Path) -> bool:
+    return _inside(a, b) or _inside(b, a)
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why an output path can never be replaced: it is (or holds) the repository, home or /."""
+    norm = _norm(path)
+    if not os.path.isabs(norm):
+        return "is the repository (or holds it)" if all(p in (".", "..") for p in norm.split("/")) else None
+    home = _norm(Path.home())
+    if norm == "/" or _inside(home, norm):
+        return "is your home directory (or holds it)" if norm != "/" else "is the filesystem root"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -107,6 +172,11 @@ class IngestConfig(_Section):
 
     sources: list[SourceConfig] = Field(default_factory=list)
     on_invalid: Literal["error", "skip"] = "error"  # never skip silently by default
+    # sources must be regular files inside the repository (where DVC tracks them); true = also read
+    # files elsewhere (still never FIFOs or devices)
+    allow_outside: bool = False
+    max_file_mb: Annotated[Float, Field(gt=0)] = 1024.0  # a bigger source file is an error, not an OOM kill
+    max_line_chars: Annotated[Int, Field(gt=0)] = 1_000_000  # per line / record of a text-like file
 
 
 # -------------------------------------------------------------------------------------------- format
@@ -123,6 +193,10 @@ class RefusalConfig(_Section):
     # "Sorry, I don't know that."; a string here overrides both
     answer: str | None = None
     questions: str | None = None  # text file, one OOD question per line
+    # the sources these refusal rows were written for (params.yaml: the shipped sample): with any
+    # other file source configured, params validation fails instead of teaching your model to refuse
+    # with another domain's answer. None = they fit whatever ingest reads.
+    for_sources: list[str] | None = None
 
 
 class FormatConfig(_Section):
@@ -132,16 +206,16 @@ class FormatConfig(_Section):
     tags: TagsConfig = TagsConfig()
     system_prompt: str | None = None  # `chat` template only; None keeps the model's default
     refusal: RefusalConfig | None = None
-    preview_rows: Annotated[int, Field(ge=0)] = 8
+    preview_rows: Annotated[Int, Field(ge=0)] = 8
 
 
 # --------------------------------------------------------------------------------------------- split
 class SplitConfig(_Section):
     """The `split:` section: deterministic, append-stable train/val/test assignment."""
 
-    seed: int = 1337
-    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
+    seed: Int = 1337
+    val_fraction: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.1
+    test_fraction: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.15
     # phrasing: test = unseen phrasings of facts taught in train (a group's first phrasing stays in
     #           train); group: whole facts held out; example: every unique example hashed alone.
     strategy: Literal["phrasing", "group", "example"] = "phrasing"
@@ -182,10 +256,13 @@ class RetrievalConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------ finetune
+MAX_CONTEXT = 131_072  # no supported base model reads more tokens than this
+
+
 class LoraConfig(_Section):
-    r: Annotated[int, Field(gt=0)] = 16
-    alpha: Annotated[float, Field(gt=0)] = 32
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # >0 costs ~25% of a CPU step (bernoulli RNG)
+    r: Annotated[Int, Field(gt=0)] = 16
+    alpha: Annotated[Float, Field(gt=0)] = 32
+    dropout: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0  # >0 costs ~25% of a CPU step (bernoulli RNG)
     target_modules: str | list[str] = "all-linear"
 
 
@@ -195,61 +272,116 @@ class FinetuneConfig(_Section):
     task: Literal["causal_lm", "classification"] = "causal_lm"
     method: Literal["lora", "full", "freeze"] = "lora"
     lora: LoraConfig = LoraConfig()
-    trainable_layers: Annotated[int, Field(gt=0)] = 2  # method=freeze: train only the last N blocks
+    trainable_layers: Annotated[Int, Field(gt=0)] = 2  # method=freeze: train only the last N blocks
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    learning_rate: Annotated[Float, Field(gt=0)] = 1e-3
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    batch_size: Annotated[int, Field(gt=0)] = 16
-    grad_accum: Annotated[int, Field(gt=0)] = 1
-    max_steps: Annotated[int, Field(ge=0)] = 300  # 0 = train for `epochs`
-    epochs: Annotated[float, Field(gt=0)] = 3.0
-    max_length: Annotated[int, Field(gt=8)] = 256  # tokens; longer examples are truncated (counted)
+    warmup_ratio: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0
+    batch_size: Annotated[Int, Field(gt=0)] = 16
+    grad_accum: Annotated[Int, Field(gt=0)] = 1
+    max_steps: Annotated[Int, Field(ge=0)] = 300  # 0 = train for `epochs`
+    epochs: Annotated[Float, Field(gt=0)] = 3.0
+    # tokens; longer examples are truncated (counted). Also checked against the base model's context.
+    max_length: Annotated[Int, Field(gt=8, le=MAX_CONTEXT)] = 256
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    seed: int = 42
-    save_steps: Annotated[int, Field(gt=0)] = 50  # checkpoint every N optimizer steps (resume)
-    logging_steps: Annotated[int, Field(gt=0)] = 5
+    seed: Int = 42
+    save_steps: Annotated[Int, Field(gt=0)] = 50  # checkpoint every N optimizer steps (resume)
+    logging_steps: Annotated[Int, Field(gt=0)] = 5
     merge: bool = True  # also write the adapter merged into the base (what register ships)
-    threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 = all cores
+    threads: Annotated[Int, Field(ge=0)] = 0  # torch CPU threads; 0 = all cores
 
 
 # ------------------------------------------------------------------------------------------ evaluate
 class GenerationConfig(_Section):
     do_sample: bool = False  # metrics use greedy decoding unless configured
-    temperature: Annotated[float, Field(gt=0)] = 0.9
-    top_k: Annotated[int, Field(ge=0)] = 30
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    max_new_tokens: Annotated[int, Field(gt=0)] = 64
+    temperature: Annotated[Float, Field(gt=0)] = 0.9
+    top_k: Annotated[Int, Field(ge=0)] = 30
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 0.95
+    repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
+    max_new_tokens: Annotated[Int, Field(gt=0)] = 64
 
 
 class EvaluateConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
-    batch_size: Annotated[int, Field(gt=0)] = 16
-    max_examples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
+    batch_size: Annotated[Int, Field(gt=0)] = 16
+    max_examples: Annotated[Int, Field(ge=0)] = 0  # 0 = the whole test split
     compare_base: bool = True  # also evaluate the base model, so every report shows the gain
     # answer perplexity uses the model's own finetune.max_length (from training.json): the same tokens
-    repetition_ngram: Annotated[int, Field(gt=0)] = 3  # words per n-gram in repetition_rate
+    repetition_ngram: Annotated[Int, Field(gt=0)] = 3  # words per n-gram in repetition_rate
     # abstention: answers whose confidence is below a threshold become the refusal; the threshold is
     # the lowest that keeps confident-wrong answers on the val split at or under this rate
-    max_confident_wrong: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    max_confident_wrong: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.05
 
 
 # ------------------------------------------------------------------------------------------ register
+# metrics where a lower value is better (evaluate's report, the gate's default direction)
+LOWER_IS_BETTER = frozenset(
+    {
+        "eval_loss",
+        "perplexity",
+        "confident_wrong_rate",
+        "false_refusal_rate",
+        "repetition_rate",
+        "truncation_rate",
+    }
+)
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
+GENERATION_METRICS = (
+    "exact_match", "answer_f1", "rougeL", "repetition_rate", "truncation_rate", "answer_words", "answer_tokens",
+)  # fmt: skip
+
+
+def gate_metrics(task: str, template: str, refusal: bool) -> tuple[str, ...]:
+    """The `tuned.*` metrics evaluate produces for this task/template (what `register.metric` may name)."""
+    if task == "classification":
+        return CLASSIFICATION_METRICS
+    if template == "text":  # no prompts: loss and perplexity only (continuations are report samples)
+        return ("eval_loss", "perplexity")
+    return (
+        "eval_loss",
+        "perplexity",
+        *GENERATION_METRICS,
+        "confident_wrong_rate",
+        *(("refusal_rate", "false_refusal_rate") if refusal else ()),
+    )
+
+
+def default_gate_metric(task: str, template: str) -> str:
+    """`register.metric: auto`: answer F1 for Q&A, perplexity for raw text, macro F1 for classification."""
+    return "f1" if task == "classification" else "perplexity" if template == "text" else "answer_f1"
+
+
 class RegisterConfig(_Section):
     model_name: str = "tagtune-town"
-    metric: str = "answer_f1"  # key in evaluate's metrics.json (tuned side)
-    greater_is_better: bool = True
-    min_delta: Annotated[float, Field(ge=0.0)] = 0.0  # must beat champion and base by this margin
+    # key in evaluate's metrics.json (tuned side); `auto` follows finetune.task and format.template
+    metric: str = "auto"
+    greater_is_better: bool | Literal["auto"] = (
+        "auto"  # auto: lower is better for loss/perplexity/failure rates
+    )
+    min_delta: Annotated[Float, Field(ge=0.0)] = 0.0  # must beat champion and base by this margin
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        """`auto` → a metric and its direction. Alone (no task known) `auto` is answer_f1; Params
+        resolves it from finetune.task and format.template before this runs."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("metric", "auto") == "auto":
+            data["metric"] = "answer_f1"
+        if data.get("greater_is_better", "auto") == "auto" and isinstance(data["metric"], str):
+            data["greater_is_better"] = data["metric"] not in LOWER_IS_BETTER
+        return data
 
 
 # ---------------------------------------------------------------------------------- mlflow, schedule
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides
     experiment: str = "tagtune"
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # fail fast when the server is unreachable
+    timeout_s: Annotated[Float, Field(gt=0)] = 30.0  # fail fast when the server is unreachable
     # finetune and evaluate log params, step metrics and reports to a run; false = only register
     # talks to MLflow (its job is the registry)
     log_runs: bool = True
@@ -271,20 +403,24 @@ class ScheduleConfig(_Section):
 class FlowConfig(_Section):
     """The `flow:` section: how the Prefect flow retries a stage. No stage reads it (DVC ignores it)."""
 
-    retries: Annotated[int, Field(ge=0)] = (
+    retries: Annotated[Int, Field(ge=0)] = (
         2  # transient errors only (MLflow unreachable, I/O); never bad data
     )
-    retry_delay_s: Annotated[float, Field(gt=0)] = 10.0  # exponential backoff: 10 s, 20 s, 40 s, ...
+    retry_delay_s: Annotated[Float, Field(gt=0)] = 10.0  # exponential backoff: 10 s, 20 s, 40 s, ...
 
 
 class UiConfig(_Section):
     """The `ui:` section: the Gradio chat page (`tagtune ui`)."""
 
     host: str = "127.0.0.1"  # only this machine; 0.0.0.0 exposes the page (and the model) to the network
-    port: Annotated[int, Field(gt=0, lt=65536)] = 7860
+    port: Annotated[Int, Field(gt=0, lt=65536)] = 7860
     feedback_db: str = "feedback.db"  # SQLite table the `sql` ingest source can read
-    max_queue: Annotated[int, Field(gt=0)] = 16  # waiting requests beyond this are refused ("queue full")
-    concurrency: Annotated[int, Field(gt=0)] = 1  # answers generated at once (CPU: 1 is fastest overall)
+    max_queue: Annotated[Int, Field(gt=0)] = 16  # waiting requests beyond this are refused ("queue full")
+    concurrency: Annotated[Int, Field(gt=0)] = 1  # answers generated at once (CPU: 1 is fastest overall)
+    # a longer question is refused at once (also one past the model's context); the page has no upload
+    # component, so Gradio's upload endpoint only needs room for small files
+    max_question_chars: Annotated[Int, Field(gt=0)] = 2000
+    max_upload_kb: Annotated[Int, Field(gt=0)] = 64
 
 
 class Params(_Section):
@@ -305,6 +441,109 @@ class Params(_Section):
     flow: FlowConfig = FlowConfig()
     ui: UiConfig = UiConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_defaults(cls, data: Any) -> Any:
+        """`register.metric: auto` follows finetune.task and format.template (before sections validate)."""
+        if not isinstance(data, dict):
+            return data
+        register = data.get("register") or {}
+        if not isinstance(register, dict) or register.get("metric", "auto") != "auto":
+            return data
+        section = {
+            k: v if isinstance(v := data.get(k), dict) else {} for k in ("finetune", "format", "ingest")
+        }
+        sources = section["ingest"].get("sources")
+        text_only = (
+            isinstance(sources, list)
+            and bool(sources)
+            and all(isinstance(s, dict) and s.get("format") == "text" for s in sources)
+        )
+        template = "text" if text_only else section["format"].get("template", "tagged")
+        metric = default_gate_metric(section["finetune"].get("task", "causal_lm"), template)
+        return {**data, "register": {**register, "metric": metric}}
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        """What one section cannot see: inputs under outputs, the gate metric, sample-only settings."""
+        problems = [*_input_overlaps(self), *_gate_problems(self), *_refusal_problems(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _inputs(p: Params) -> list[tuple[str, str]]:
+    """(key, path or glob) of every file or directory a stage reads that the user provides."""
+    found = [(f"ingest.sources.{i}.path", src.path) for i, src in enumerate(p.ingest.sources) if src.path]
+    if p.format.refusal is not None and p.format.refusal.questions:
+        found.append(("format.refusal.questions", p.format.refusal.questions))
+    return found
+
+
+def _reads(source: str, output: Path) -> bool:
+    """Whether ingest, reading `source` (a file, a directory it walks, or a glob), would read `output`:
+    a glob that matches `output`, an ancestor (matched directories are walked) or files below it."""
+    if not any(c in source for c in "*?["):
+        return _inside(output, source)
+    segs, parts = _norm(source).split("/"), _norm(output).split("/")
+    if os.path.isabs(_norm(source)) != os.path.isabs(_norm(output)):
+        return False
+    if "**" in source:  # any depth below the literal prefix
+        literal = list(itertools.takewhile(lambda q: not any(c in q for c in "*?["), segs))
+        return _inside(output, "/".join(literal) or ".")
+    return all(fnmatch.fnmatchcase(parts[i], segs[i]) for i in range(min(len(segs), len(parts))))
+
+
+def _input_overlaps(p: Params) -> list[str]:
+    out = []
+    for key, path in _inputs(p):
+        literal = str(
+            Path(*itertools.takewhile(lambda q: not any(c in q for c in "*?["), Path(path).parts)) or "."
+        )
+        for name in OUTPUT_PATHS:
+            output = getattr(p.paths, name)
+            if _inside(literal, output) and literal != ".":
+                out.append(f"{key} ({path}) is inside paths.{name} ({output}): that stage replaces it")
+            elif _reads(path, output):
+                out.append(f"{key} ({path}) reads paths.{name} ({output}): ingest would read a stage output")
+    return out
+
+
+def _gate_problems(p: Params) -> list[str]:
+    """register.metric must be one evaluate produces for this task and template, in its direction."""
+    text_only = bool(p.ingest.sources) and all(s.format == "text" for s in p.ingest.sources)
+    template = "text" if text_only else p.format.template
+    have = gate_metrics(p.finetune.task, template, p.format.refusal is not None)
+    metric = p.register.metric
+    if metric not in have:
+        how = f"finetune.task {p.finetune.task}" + (
+            "" if p.finetune.task == "classification" else f" with format.template {template}"
+        )
+        return [
+            f"register.metric: {metric!r} is not a metric evaluate produces for {how} "
+            f"(it produces: {', '.join(have)}; `auto` picks {default_gate_metric(p.finetune.task, template)})"
+        ]
+    if metric in LOWER_IS_BETTER and p.register.greater_is_better:
+        return [f"register.greater_is_better: lower {metric} is better; set it to false (or auto)"]
+    return []
+
+
+def _refusal_problems(p: Params) -> list[str]:
+    """Refusal rows written for one dataset (the shipped sample) must not train another."""
+    refusal = p.format.refusal
+    if refusal is None or refusal.for_sources is None:
+        return []
+    tied = {_norm(s) for s in refusal.for_sources}
+    other = [s.path for s in p.ingest.sources if s.format != "sql" and s.path and _norm(s.path) not in tied]
+    if not other:
+        return []
+    return [
+        f"format.refusal: its questions ({refusal.questions}) and answer ({refusal.answer!r}) were written for "
+        f"the sample data ({', '.join(refusal.for_sources)}; format.refusal.for_sources), but ingest.sources "
+        f"also reads {', '.join(other)}: they would teach your model another domain's refusals. Write "
+        "out-of-domain questions and an answer for your data and drop for_sources, or set format.refusal: null"
+    ]
+
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid params"]
@@ -314,6 +553,13 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         shown = "" if e["type"] in ("extra_forbidden", "missing") else f", got {e.get('input')!r}"
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            shown = ""  # a section's own check: its message says what is wrong
+        if not key and e["type"] == "value_error":  # cross-section checks name their keys themselves
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
         lines.append(f"  {key or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -360,18 +606,52 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read params: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save params.yaml as UTF-8"
+        ) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} (first at line {first})")
+        self.line = line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty (no sections); see the repository's params.yaml for a start")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw

@@ -40,6 +40,11 @@ def encode_example(
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
+def _origin(ex: dict[str, Any]) -> str:
+    """`source:line` of an example, for messages about it."""
+    return f"{ex.get('source', '?')}:{ex.get('line', '?')}"
+
+
 def build_lm_features(
     examples: list[dict[str, Any]], tokenizer: Any, max_length: int
 ) -> tuple[list[dict], dict]:
@@ -50,8 +55,8 @@ def build_lm_features(
         if enc is None:
             dropped += 1
             continue
-        truncated += enc.pop("truncated")
-        feats.append({**enc, "length": len(enc["input_ids"])})
+        truncated += enc["truncated"]
+        feats.append({**enc, "length": len(enc["input_ids"]), "origin": _origin(ex)})
     return feats, {"truncated": truncated, "dropped": dropped}
 
 
@@ -65,7 +70,9 @@ def build_cls_features(
         ids = tokenizer(ex["text"], add_special_tokens=True, truncation=True, max_length=max_length)[
             "input_ids"
         ]
-        feats.append({"input_ids": ids, "labels": index[ex["label"]], "length": len(ids)})
+        feats.append(
+            {"input_ids": ids, "labels": index[ex["label"]], "length": len(ids), "origin": _origin(ex)}
+        )
     return feats
 
 

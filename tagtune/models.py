@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 
 from tagtune.config import ModelConfig
-from tagtune.errors import ConfigError, TagtuneError
+from tagtune.errors import ConfigError, TagtuneError, one_line
 from tagtune.io import atomic_path, read_json
 from tagtune.templates import TEMPLATE_FILE
 
@@ -52,11 +53,7 @@ def embedded_gguf() -> Path:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
@@ -73,7 +70,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     config = AutoConfig.for_model(**config.to_dict())
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, force=True) as tmp:  # our own cache entry
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\n", encoding="utf-8")
@@ -118,9 +115,54 @@ def resolve_base(spec: str, cache_dir: str | None = None, allow_pickle: bool = F
                 "convert them to safetensors or set model.allow_pickle: true"
             )
         return str(path)
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
-        raise ConfigError(f"model.base: {spec} is neither a model directory nor a .gguf file")
-    return spec  # a hub id: transformers downloads it (needs network; not used in CI)
+    if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+        raise ConfigError(
+            f"model.base: {spec!r} is neither `embedded`, a model directory, a .gguf file nor a hub id (org/name)"
+        )
+    return _hub_model(spec)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_model(spec: str) -> str:
+    """A hub id that is in the local Hugging Face cache, or (online) that the hub confirms in one quick
+    request — instead of transformers' minutes of retries for a typo."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.path.expanduser(hf_home), "hub")
+    if isinstance(try_to_load_from_cache(spec, "config.json", cache_dir=cache), str):
+        return spec
+    where = (
+        f"{spec!r} is not a local directory or .gguf file, and not in the local Hugging Face cache ({cache})"
+    )
+    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise ConfigError(f"model.base: {where}; HF_HUB_OFFLINE is set, so it cannot be downloaded")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(spec, timeout=10)
+    except Exception as e:  # noqa: BLE001 - not found, no network, gated: all mean "cannot use it"
+        raise ConfigError(
+            f"model.base: {where}, and the hub did not confirm it ({type(e).__name__})"
+        ) from None
+    return spec  # transformers downloads it
+
+
+def model_context(model_dir: str) -> int | None:
+    """How many positions the model at `model_dir` reads (config.json), if it says."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    facts = read_json(config)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(facts.get(key), int):
+            return facts[key]
+    return None
 
 
 def load_base_tokenizer(cfg: ModelConfig):
@@ -153,6 +195,7 @@ def load_model(
     **kwargs,
 ):
     """Load a base model for `task` (causal_lm | classification); never trusts remote code."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common = dict(trust_remote_code=False, use_safetensors=None if allow_pickle else True, **kwargs)
@@ -164,8 +207,8 @@ def load_model(
                 common["num_labels"] = num_labels
             return AutoModelForSequenceClassification.from_pretrained(model_dir, **common)
         return AutoModelForCausalLM.from_pretrained(model_dir, **common)
-    except (OSError, ValueError) as e:  # missing/corrupt weights, unknown architecture, no network
-        raise ConfigError(f"model.base: cannot load {model_dir}: {str(e).splitlines()[0][:300]}") from None
+    except (OSError, ValueError, SafetensorError) as e:  # missing/corrupt weights, unknown architecture
+        raise ConfigError(f"model.base: cannot load {model_dir}: {one_line(e)[:300]}") from None
 
 
 # ------------------------------------------------------------------------------- fine-tuned models
@@ -196,6 +239,67 @@ def find_model_dir(path: str | Path) -> tuple[Path, Path]:
     raise TagtuneError(f"{model_dir}: no {TEMPLATE_FILE} beside it (the template facts finetune writes)")
 
 
+# ---------------------------------------------------------------------------------- weight hashes
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+WEIGHTS_KEY = "weights_sha256"  # training.json / the pyfunc model_config: {relative path: sha256}
+
+
+class ModelIntegrityError(TagtuneError):
+    """A model's weights are not the bytes that were recorded when it was written."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(root: Path, dirs: tuple[str, ...] = ("model", "adapter")) -> dict[str, str]:
+    """{path relative to `root`: sha256} of the weight files in `root/<dir>` ("." = root itself)."""
+    root = Path(root)
+    files = sorted({f for d in dirs for pattern in WEIGHT_FILES for f in (root / d).glob(pattern)})
+    return {f.relative_to(root).as_posix(): sha256_file(f) for f in files}
+
+
+def verify_weights(root: Path, expected: dict[str, str], recorded_in: str | Path) -> None:
+    """Raise unless every file in `expected` (relative to `root`) has its recorded sha256.
+
+    Raises:
+        ModelIntegrityError: a weight file is missing or its bytes changed since it was written.
+    """
+    for rel, digest in expected.items():
+        path = Path(root) / rel
+        if not path.is_file():
+            raise ModelIntegrityError(f"{path}: missing, but {recorded_in} records its sha256")
+        if sha256_file(path) != digest:
+            raise ModelIntegrityError(
+                f"{path}: sha256 differs from the one recorded in {recorded_in} when it was written: the "
+                "weights were changed or damaged since (re-run finetune, e.g. `dvc repro -f -s finetune`)"
+            )
+
+
+def verify_model_dir(path: str | Path) -> None:
+    """Check a finetune output (training.json) or a pulled MLflow model dir (MLmodel) against the
+    weight hashes recorded when it was written; a dir with neither record is not checked.
+
+    Raises:
+        ModelIntegrityError: the weights differ from what was recorded.
+    """
+    import yaml
+
+    path = Path(path)
+    if (path / "training.json").is_file():
+        if expected := read_json(path / "training.json").get(WEIGHTS_KEY):
+            verify_weights(path, expected, path / "training.json")
+    elif (path / "MLmodel").is_file():
+        mlmodel = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8")) or {}
+        config = mlmodel.get("flavors", {}).get("python_function", {}).get("model_config") or {}
+        if expected := config.get(WEIGHTS_KEY):
+            verify_weights(path / "artifacts" / "model", expected, path / "MLmodel")
+
+
 def load_saved(model_dir: str | Path, task: str = "causal_lm"):
     """(model, tokenizer) of a complete saved model dir, on the default device, in eval mode.
 
@@ -213,6 +317,7 @@ def load_finetuned(finetuned: str | Path, task: str = "causal_lm"):
         TagtuneError: neither `model/` nor `adapter/` is there.
     """
     finetuned = Path(finetuned)
+    verify_model_dir(finetuned)
     if (finetuned / "model" / "config.json").is_file():
         return load_saved(finetuned / "model", task)
     adapter = finetuned / "adapter"
@@ -237,6 +342,7 @@ def load_finetuned(finetuned: str | Path, task: str = "causal_lm"):
 def export_model_dir(finetuned: str | Path, dest: str | Path) -> Path:
     """A complete HF model dir for `finetuned`: its `model/`, or the adapter merged into `dest`."""
     finetuned = Path(finetuned)
+    verify_model_dir(finetuned)
     if (finetuned / "model" / "config.json").is_file():
         return finetuned / "model"
     model, tok = load_finetuned(finetuned, read_json(finetuned / "training.json").get("task", "causal_lm"))

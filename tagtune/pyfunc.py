@@ -33,7 +33,7 @@ import pandas as pd
 from tagtune.config import GenerationConfig
 from tagtune.generation import classify
 from tagtune.grounding import reply
-from tagtune.models import load_saved
+from tagtune.models import WEIGHTS_KEY, load_saved, verify_weights, weights_sha256
 from tagtune.retrieval import FactIndex
 
 MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of the HF model directory
@@ -66,7 +66,12 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.template = json.loads(Path(context.artifacts[TEMPLATE_ARTIFACT]).read_text(encoding="utf-8"))
         self.config = dict(context.model_config or {})
         self.task = self.template.get("task", "causal_lm")
-        self.model, self.tokenizer = load_saved(context.artifacts[MODEL_ARTIFACT], self.task)
+        model_dir = context.artifacts[MODEL_ARTIFACT]
+        if expected := self.config.get(
+            WEIGHTS_KEY
+        ):  # registered with its weight hashes: serve only those bytes
+            verify_weights(Path(model_dir), expected, f"the registered model's config ({WEIGHTS_KEY})")
+        self.model, self.tokenizer = load_saved(model_dir, self.task)
         index = context.artifacts.get(INDEX_ARTIFACT)
         self.index = FactIndex.load(index) if index else None
 
@@ -165,7 +170,13 @@ def log_pyfunc_model(
 
     from mlflow.models import infer_signature
 
-    config = {**gen.model_dump(), "batch_size": batch_size, **(grounding or {})}
+    # the weight hashes travel in the model's config: load_context serves only these bytes
+    config = {
+        **gen.model_dump(),
+        "batch_size": batch_size,
+        WEIGHTS_KEY: weights_sha256(Path(model_dir), (".",)),
+        **(grounding or {}),
+    }
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
     with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
         # an input example would make MLflow load the model and generate once more at log time

@@ -490,21 +490,46 @@ def resolve_version(model_uri: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     }
 
 
+def _check_pull_dest(dest: Path, force: bool) -> bool:
+    """Whether `dest` may be replaced: absent, empty, a previous pull (holds tagtune.json) or `force`.
+
+    Raises:
+        OutputPathError: a non-empty directory tagtune did not pull (without `force`), or the working
+            directory, home or / (always).
+    """
+    from tagtune.io import OutputPathError, check_replaceable
+
+    check_replaceable(dest, force=True)  # never the working directory, home or /
+    replace = force or (dest / INFO_FILE).is_file()
+    if not replace:
+        try:
+            check_replaceable(dest)
+        except OutputPathError as e:
+            raise OutputPathError(f"{e}; `tagtune pull --force` replaces it") from None
+    return replace
+
+
 @tracking.mlflow_errors
-def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig) -> Path:
+def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig, force: bool = False) -> Path:
     """Download a registered version to `dest` (an MLflow model dir); returns its HF model dir.
 
     `dest` is written atomically and is itself loadable (`mlflow.pyfunc.load_model(dest)`,
-    `mlflow models serve -m dest`, `tagtune chat --model-dir dest`); `dest/tagtune.json` says which version.
+    `mlflow models serve -m dest`, `tagtune chat --model-dir dest`); `dest/tagtune.json` says which
+    version. An existing `dest` is replaced only if it is empty or a previous pull, or with `force`;
+    never the working directory, home or /.
+
+    Raises:
+        OutputPathError: `dest` is not tagtune's to replace (checked before anything is downloaded).
     """
     import mlflow.artifacts
 
     from tagtune.io import atomic_path, write_json
     from tagtune.models import find_model_dir
 
-    info = resolve_version(model_uri, mlflow_cfg)
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
+    replace = _check_pull_dest(dest, force)
+    info = resolve_version(model_uri, mlflow_cfg)
+    with atomic_path(dest, force=replace) as tmp:
         # by version, not alias: the alias may move while we download
         mlflow.artifacts.download_artifacts(artifact_uri=info["model_uri"], dst_path=str(tmp))
         write_json(tmp / INFO_FILE, info)

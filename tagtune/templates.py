@@ -92,7 +92,8 @@ def template_facts(cfg: FormatConfig, task: str, refusal: str | None = None) -> 
     )
     return {
         "template": cfg.template,
-        "format": cfg.model_dump(),  # lets inference render a question exactly as training did
+        # lets inference render a question exactly as training did (for_sources is a params check only)
+        "format": cfg.model_dump(exclude={"refusal": {"for_sources"}}),
         "tags": cfg.tags.model_dump(),
         # generation stops at this string; finetune appends EOS after it so the model learns to stop
         "end_marker": cfg.tags.end if cfg.template == "tagged" else None,

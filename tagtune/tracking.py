@@ -193,6 +193,17 @@ def log_artifacts(cfg: MlflowConfig, run_id: str, local_dir: str, artifact_path:
     client(cfg).log_artifacts(run_id, local_dir, artifact_path)
 
 
+@mlflow_errors
+def metric_steps(cfg: MlflowConfig, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` is already logged on the run (a resumed run does not log them twice)."""
+    return {m.step for m in client(cfg).get_metric_history(run_id, key)}
+
+
+@mlflow_errors
+def log_text(cfg: MlflowConfig, run_id: str, text: str, artifact_file: str) -> None:
+    client(cfg).log_text(run_id, text, artifact_file)
+
+
 @contextmanager
 def active_run(cfg: MlflowConfig, run_id: str):
     """Make `run_id` the fluent API's active run (for mlflow.log_table / pyfunc.log_model)."""

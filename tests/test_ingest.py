@@ -494,7 +494,7 @@ def test_tagged_recovers_after_a_bad_block_when_skipping(tmp_path):
 def test_success_replaces_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "rows.jsonl").write_text("old")  # a previous output (a foreign file would not be replaced)
     _run([{"path": "qa.csv"}], out)
     assert sorted(os.listdir(out)) == ["rows.jsonl", "stats.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left beside it

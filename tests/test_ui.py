@@ -41,6 +41,9 @@ def page(tmp_path_factory, tiny_llama):
     raw = yaml.safe_load((ws / "params.yaml").read_text())
     port, db = _free_port(), str(tmp / "feedback.db")
     raw["ui"].update(port=port, feedback_db=db, max_queue=2)
+    raw["ingest"]["allow_outside"] = (
+        True  # the feedback DB lives in this test's tmp dir, outside the workspace
+    )
     for src in raw["ingest"]["sources"]:
         if src["format"] == "sql":
             src["path"] = db

@@ -22,10 +22,12 @@ from tagtune.errors import TagtuneError
 from tagtune.generation import stream_answer
 from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model_dir, load_saved
+from tagtune.models import cache_root, find_model_dir, load_saved, verify_model_dir
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.retrieval import FactIndex
 from tagtune.templates import render_prompt
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
 def model_label(info: dict[str, Any]) -> str:
@@ -77,6 +79,7 @@ class Chatbot:
         A pulled grounded version brings its own index and threshold; for finetune's output of a
         grounded run pass the index stage's directory (and evaluate's `abstain.threshold`).
         """
+        verify_model_dir(path)
         model_dir, template_path = find_model_dir(path)
         info: dict[str, Any] = {"model_name": None, "version": None, "alias": None, "run_id": None}
         for f in (Path(path) / INFO_FILE, model_dir.parent.parent / INFO_FILE):
@@ -107,13 +110,29 @@ class Chatbot:
             / f"{info['version']}-{info['run_id'][:12]}"
         )
         if not (local / INFO_FILE).is_file():
-            pull(info["model_uri"], local, mlflow_cfg)
+            pull(info["model_uri"], local, mlflow_cfg, force=True)  # our own cache entry
         bot = cls.from_dir(local)
         bot.info.update(info)
         return bot
 
     def prompt(self, question: str) -> str:
         return render_prompt(question, self.template, self.tokenizer)
+
+    @property
+    def context(self) -> int | None:
+        """How many positions the model reads (prompt + answer), if its config says."""
+        config = self.model.config
+        return next((v for k in CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+
+    def too_long(self, question: str, gen: GenerationConfig) -> str | None:
+        """Why `question` cannot be answered whole (prompt + max_new_tokens past the context), else None."""
+        n = len(self.tokenizer(self.prompt(question), add_special_tokens=False)["input_ids"])
+        if self.context is not None and n + gen.max_new_tokens > self.context:
+            return (
+                f"question too long: {n} prompt tokens + {gen.max_new_tokens} new tokens is past the model's "
+                f"context ({self.context} tokens)"
+            )
+        return None
 
     def answer(self, questions: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[Reply]:
         """Answer a batch of questions: `.text` (the answer or the refusal), `.sources`, `.answer`."""

@@ -301,6 +301,8 @@ def chat(
     show_question = len(questions or []) > 1 or (questions is None and not interactive)  # piped stdin
 
     def ask(q: str) -> None:
+        if problem := bot.too_long(q, gen):
+            raise TagtuneError(problem)
         if show_question:
             print(f"Q: {q}")
         for piece in bot.stream(q, gen):
@@ -328,17 +330,22 @@ def chat(
 @app.command()
 @_errors
 def pull(
-    dest: Annotated[Path, typer.Option(help="directory to write (replaced atomically)")],
+    dest: Annotated[
+        Path, typer.Option(help="directory to write (replaced atomically if empty or a previous pull)")
+    ],
     params: ParamsOpt = Path("params.yaml"),
     version: VersionOpt = None,
     alias: AliasOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace --dest even if it holds other files (never . or ~)")
+    ] = False,
 ) -> None:
     """Write a registered version to a local directory (an MLflow model dir; HF model inside)."""
     from tagtune.registry import pull as pull_model
 
     p = load_params(params)
     uri = _model_uri(p, version, alias)
-    model_dir = pull_model(uri, dest, p.mlflow)
+    model_dir = pull_model(uri, dest, p.mlflow, force)
     print(f"pulled {uri} to {dest} (Hugging Face model: {model_dir})")
 
 

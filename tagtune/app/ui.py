@@ -141,8 +141,12 @@ def is_ingested(params: Params, feedback_db: Path, base_dir: Path = Path(".")) -
 
 
 # ------------------------------------------------------------------------------------------- page
-def _responder(bot: Any):
-    """The `ask` handler: stream `bot`'s answer into the conversation, then offer the rating."""
+def _responder(bot: Any, cfg: UiConfig):
+    """The `ask` handler: stream `bot`'s answer into the conversation, then offer the rating.
+
+    A question over `ui.max_question_chars`, or past the model's context, is refused at once: it never
+    reaches the model (and does not hold a generation slot for a minute).
+    """
 
     def respond(question, history, do_sample, temperature, top_k, top_p, repetition_penalty, max_new):
         import gradio as gr
@@ -152,6 +156,10 @@ def _responder(bot: Any):
         if not question:
             yield history, "", None, "Type a question first."
             return
+        if len(question) > cfg.max_question_chars:
+            raise gr.Error(
+                f"Question too long: {len(question)} characters (at most {cfg.max_question_chars}, ui.max_question_chars)."
+            )
         try:
             g = GenerationConfig(
                 do_sample=bool(do_sample),
@@ -163,6 +171,8 @@ def _responder(bot: Any):
             )
         except ValueError as e:
             raise gr.Error(f"generation params: {e}") from None
+        if problem := bot.too_long(question, g):
+            raise gr.Error(problem[0].upper() + problem[1:] + ".")
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
         for piece in bot.stream(question, g):
@@ -236,7 +246,7 @@ def build_app(bot: Any, store: FeedbackStore, cfg: UiConfig, gen: GenerationConf
         last = gr.State(None)
 
         ask = dict(
-            fn=_responder(bot),
+            fn=_responder(bot, cfg),
             inputs=[question, chat, do_sample, temperature, top_k, top_p, rep, max_new],
             outputs=[chat, question, last, status],
             concurrency_limit=cfg.concurrency,
@@ -283,6 +293,7 @@ def serve(
             show_error=True,
             quiet=True,
             footer_links=[],
+            max_file_size=cfg.max_upload_kb * 1024,  # the page takes no files; bound Gradio's upload route
         )
     except OSError as e:  # port in use: gradio says "Cannot find empty port"
         raise TagtuneError(f"ui: cannot serve on {host}:{port}: {e}") from None
