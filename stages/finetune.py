@@ -586,7 +586,13 @@ def _training_args(cfg: FinetuneConfig, checkpoints: Path, precision: str):
 
 
 def _open_run(
-    mlflow_cfg: MlflowConfig | None, fingerprint: str, data_digest: str, params: dict[str, Any]
+    mlflow_cfg: MlflowConfig | None,
+    fingerprint: str,
+    data_digest: str,
+    cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    data: _Data,
+    precision: str,
 ) -> str | None:
     """The pipeline version's MLflow run with the training params logged; None without MLflow.
 
@@ -596,6 +602,12 @@ def _open_run(
         return None
     from tagtune import tracking
 
+    params = {
+        "finetune": cfg.model_dump(),
+        "model.base": model_cfg.base,
+        "data.train_examples": len(data.train),
+        "precision": precision,
+    }
     run_id = tracking.open_run(
         mlflow_cfg,
         fingerprint,
@@ -818,13 +830,7 @@ def finetune(
     model = _build_model(
         base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, resume if finished else None
     )
-    run_params = {
-        "finetune": cfg.model_dump(),
-        "model.base": model_cfg.base,
-        "data.train_examples": len(data.train),
-        "precision": precision,
-    }
-    run_id = _open_run(mlflow_cfg, fingerprint, data_digest, run_params)
+    run_id = _open_run(mlflow_cfg, fingerprint, data_digest, cfg, model_cfg, data, precision)
     with _marks_failure(mlflow_cfg, run_id):  # a crash leaves the MLflow run FAILED, not RUNNING
         tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
         log_rows = _restored_rows(resume)  # steps before the checkpoint, from its trainer state

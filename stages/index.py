@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tagtune.config import IndexConfig, Params
-from tagtune.io import atomic_path, read_jsonl, write_json
+from tagtune.io import atomic_path, read_jsonl, write_json, write_jsonl
 from tagtune.retrieval import BM25_DIR, FACTS_FILE, FactIndex, facts_from_examples, facts_from_knowledge
 
 WRITES = (FACTS_FILE, BM25_DIR, "stats.json")  # what index writes to paths.index (replaced as a whole)
@@ -47,10 +47,13 @@ def index_facts(
     extra = facts_from_knowledge(read_jsonl(knowledge)) if Path(knowledge).is_file() else []
     known = {f.id for f in trained}
     facts = sorted([*trained, *(f for f in extra if f.id not in known)], key=lambda f: f.id)
-    index = FactIndex(facts, include_questions=(cfg or IndexConfig()).include_questions)
     stats = {"facts": len(facts), "trained_facts": len(trained), "knowledge_facts": len(facts) - len(trained)}
     with atomic_path(out_dir, owned=WRITES) as tmp:
-        index.save(tmp)
+        if facts:
+            FactIndex(facts, include_questions=(cfg or IndexConfig()).include_questions).save(tmp)
+        else:  # text or classification data: nothing to retrieve (a grounded finetune refuses it)
+            tmp.mkdir()
+            write_jsonl(tmp / FACTS_FILE, [])
         write_json(tmp / "stats.json", stats)
     return stats
 

@@ -53,7 +53,7 @@ def flow_ws(tmp_path_factory, tiny_llama, prefect_api):
 @pytest.mark.integration
 def test_flow_run_leaves_the_state_dvc_repro_would(flow_ws):
     ws, summary = flow_ws
-    stages = ["ingest", "format", "split", "finetune", "evaluate", "register"]
+    stages = ["ingest", "format", "split", "index", "finetune", "evaluate", "register"]
     assert list(summary["stages"]) == stages
     assert all(s["ran"] for s in summary["stages"].values())
     assert summary["training_steps"] == 4 and summary["model_version"] == "1"
