@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,17 @@ def tagtune(
         text=True,
         timeout=timeout,
     )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process a test started in its own session, and its children (the same process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
 
 
 _MEMORISED: dict[Path, Path] = {}

@@ -4,8 +4,6 @@ retries only for transient errors, and a scheduled deployment on a real `prefect
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from flowrepo import ANSWER, QUESTION, env, make_workspace
+from flowrepo import ANSWER, QUESTION, env, make_workspace, stop
 
 from tagtune.errors import ConfigError, DataError
 from tagtune.tracking import TrackingError
@@ -219,16 +217,6 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group we started (server + its children)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.integration
 def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
     """`tagtune deploy` against `prefect server start`: runs triggered through the API complete,
@@ -297,8 +285,8 @@ def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
         assert json.loads(_dvc(ws, "status", "--json").stdout) == {}
     finally:
         if served is not None:
-            _stop(served)
-        _stop(server)
+            stop(served)
+        stop(server)
 
 
 def test_feedback_store_semantics(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flowrepo import stop
 
 from stages.evaluate import evaluate
 from stages.register import check_registered, register
@@ -55,17 +55,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
     raise RuntimeError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started in its own session, and its workers (same process group)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Start `mlflow server` (health is awaited by `mlflow_cfg`, so the models train meanwhile)."""
@@ -87,7 +76,7 @@ def server(tmp_path_factory):
         yield {"uri": uri, "proc": proc, "log": log}
     finally:
         mp.undo()
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +295,7 @@ def test_mlflow_models_serve_answers_http(models, mlflow_cfg, tmp_path):
         framed = post({"dataframe_split": {"columns": ["question"], "data": [[QUESTION]]}})
         assert framed[0]["answer"] == post({"inputs": [QUESTION]})[0]
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.mark.integration

@@ -11,8 +11,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import time
 import httpx
 import pytest
 from conftest import run_env, stage_cli, write_params
+from flowrepo import stop
 
 from tagtune.io import write_json
 
@@ -50,16 +49,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.5)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group we started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 # ------------------------------------------------------------------------------------------------ UI
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, tiny_finetuned):
@@ -86,7 +75,7 @@ def page(tmp_path_factory, tiny_finetuned):
         _wait_http(url, proc)
         yield {"url": url, "proc": proc}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _ask(url: str, question: str):
@@ -222,5 +211,5 @@ def test_mlflow_503_then_recovery_gives_exactly_one_version(tmp_path, tiny_finet
         assert json.loads((ws / "reports" / "register" / "register.json").read_text())["version"] == "1"
     finally:
         proxy.shutdown()
-        _stop(server)
+        stop(server)
         log.close()
