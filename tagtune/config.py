@@ -249,10 +249,9 @@ class RetrievalConfig(_Section):
     # off by default until its quality targets are met on the default run (issue 12, in progress):
     # false = purely parametric (the model answers from its weights alone)
     enabled: bool = False
-    k: Annotated[int, Field(gt=0, le=16)] = 4  # facts put into each prompt
-    gold_absent: Annotated[float, Field(ge=0.0, lt=1.0)] = (
-        0.2  # share of training questions without their fact
-    )
+    k: Annotated[Int, Field(gt=0, le=16)] = 4  # facts put into each prompt
+    # share of training questions whose fact is left out of the prompt (target: the refusal)
+    gold_absent: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.2
 
 
 # ------------------------------------------------------------------------------------------ finetune

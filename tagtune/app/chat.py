@@ -24,7 +24,7 @@ from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
 from tagtune.models import cache_root, find_model_dir, load_saved, verify_model_dir
 from tagtune.registry import INFO_FILE, pull, resolve_version
-from tagtune.retrieval import FactIndex
+from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
@@ -38,11 +38,11 @@ def model_label(info: dict[str, Any]) -> str:
     return f"local model {info.get('source', '?')}"
 
 
-def _grounding_of(path: Path, model_dir: Path) -> tuple[FactIndex | None, dict]:
+def _grounding_of(model_dir: Path) -> tuple[FactIndex | None, dict]:
     """(the fact index, {retrieval_k, abstain_threshold}) a pulled registry version ships, if any."""
     root = model_dir.parent.parent  # <pulled>/artifacts/model → <pulled>
     index_dir = model_dir.parent / "index"
-    if not (index_dir / "facts.jsonl").is_file():
+    if not (index_dir / FACTS_FILE).is_file():
         return None, {}
     mlmodel = (
         yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")) if (root / "MLmodel").is_file() else {}
@@ -91,7 +91,7 @@ class Chatbot:
             training = read_json(Path(path) / "training.json")
             info["run_id"] = info["run_id"] or training.get("mlflow_run_id")
         info["source"] = str(model_dir)
-        facts, grounding = _grounding_of(Path(path), model_dir)
+        facts, grounding = _grounding_of(model_dir)
         if facts is None and index is not None and training.get("grounded"):
             facts = FactIndex.load(index)
             grounding = {"retrieval_k": training["grounded"]["k"], "abstain_threshold": threshold}
