@@ -47,7 +47,7 @@ from tagtune.templates import read_template, write_template
 from tagtune.text import stable_hash
 
 # what finetune writes to paths.finetune (an existing directory holding anything else is not replaced)
-WRITES = ("adapter", "model", "training.json", "template.json", "loss.csv", "label_audit.md")
+WRITES = ("adapter", "model", "training.json", "template.json", "base.json", "loss.csv", "label_audit.md")
 COMPLETE_MARKER = "COMPLETE"  # written after Trainer finished saving a checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -676,13 +676,18 @@ def _write_outputs(
 ) -> None:  # fmt: skip
     """out_dir (atomically): the model, training.json (with the weights' sha256, which evaluate,
     register and serving verify), template.json, loss.csv, label_audit.md."""
-    from tagtune.models import WEIGHTS_KEY, weights_sha256
+    from tagtune.models import BASE_FILE, WEIGHTS_KEY, base_dtype, base_reference, weights_sha256
 
     with atomic_path(out_dir, owned=WRITES) as tmp:
         tmp.mkdir()
         _save(trainer.model, tokenizer, cfg, tmp)
         facts[WEIGHTS_KEY] = weights_sha256(tmp)
         write_json(tmp / "training.json", facts)
+        if cfg.method == "lora":  # what an adapter-only registered version needs to find its base again
+            ref = base_reference(
+                facts["base_model"], facts["base_model_dir"], facts.get("labels"), base_dtype(facts)
+            )
+            write_json(tmp / BASE_FILE, ref)
         (tmp / AUDIT_FILE).write_text(audit, encoding="utf-8")
         write_template(tmp, template)
         with open(tmp / "loss.csv", "w", newline="") as f:

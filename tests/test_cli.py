@@ -11,7 +11,7 @@ import pytest
 from flowrepo import ANSWER, QUESTION, make_workspace, memorised_workspace, tagtune
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("run", "stage", "show", "deploy", "chat", "pull", "ui", "rollback")
+COMMANDS = ("run", "stage", "show", "deploy", "chat", "pull", "export", "ui", "rollback")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.finetune import finetune
 from stages.format import format_examples
@@ -13,7 +14,7 @@ from stages.ingest import ingest
 from stages.split import split
 from tagtune.config import GenerationConfig, load_params
 from tagtune.generation import generate_answers
-from tagtune.models import load_model, load_tokenizer, resolve_base
+from tagtune.models import load_found, load_model, load_tokenizer, resolve_base, version_artifacts
 from tagtune.templates import render_prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,14 @@ def test_shipped_data_through_finetune_with_the_default_params(tmp_path, base_di
     assert prompt == f"{question} <QUESTION>\n"
     (ans,) = generate_answers(model, tok, [prompt], GenerationConfig(max_new_tokens=24), meta["end_marker"])
     assert isinstance(ans.text, str) and "<END>" not in ans.text and ans.new_tokens > 0
+
+    # what a registered LoRA version stores: the adapter + a hashed base reference, ≤ 20 MB, and it
+    # rebuilds (base resolved offline from the wheel, verified) to the same logits as the merged model
+    staged = version_artifacts(tmp_path / "out", tmp_path / "version")
+    size = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+    assert not (staged / "model").exists() and size <= 20 * 2**20, size
+    assert json.loads((staged / "base.json").read_text())["spec"] == "embedded"
+    rebuilt, _ = load_found(staged)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=1e-4)

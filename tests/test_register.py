@@ -169,6 +169,66 @@ def test_register_promotes_and_pyfunc_predicts(models, mlflow_cfg, tmp_path):
     assert len(short) < len(answers[0]) or answers[0] == short
 
 
+@pytest.fixture(scope="module")
+def lora(models, mlflow_cfg, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """A LoRA model (merged too, as finetune.merge does by default), evaluated: `models`' shape."""
+    from test_evaluate import make_pipeline
+
+    root = tmp_path_factory.mktemp("lora")
+    splits, finetuned = make_pipeline(root, max_steps=40, method="lora", base=models["good"][0].parent / "base")
+    evaluate(splits, finetuned, root / "eval", EvaluateConfig(generation=GEN, batch_size=4), mlflow_cfg)
+    return {"good": (finetuned, root / "eval")}
+
+
+def test_lora_version_stores_the_adapter_and_reloads_to_the_same_logits(lora, mlflow_cfg, tmp_path):
+    """A LoRA version is adapter/ + base.json (no merged model); pulled and served, it rebuilds on the
+    verified base to the logits of the model finetune wrote."""
+    import mlflow
+    import torch
+
+    from tagtune.models import load_finetuned
+
+    rec = _register(lora, "lean", "good", tmp_path, mlflow_cfg)
+    pulled = tmp_path / "pulled"
+    pull(rec["model_uri"], pulled, mlflow_cfg)
+    art = pulled / "artifacts"
+    assert (art / "adapter" / "adapter_model.safetensors").is_file() and not (art / "model").exists()
+    assert not (art / "adapter" / "tokenizer.json").exists()  # no tokens added: the base's tokenizer
+    ref = read_json(art / "base.json")
+    assert Path(ref["spec"]).is_dir() and ref["weights_sha256"], ref
+    merged = lora["good"][0] / "model"
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    assert size(art / "adapter") < size(merged)  # the real model: 19 MB vs 260 MB (test_real_model)
+    served = mlflow.pyfunc.load_model(rec["model_uri"]).unwrap_python_model()
+    reference, tok = load_finetuned(lora["good"][0])
+    ids = tok(f"{QUESTION} <QUESTION>\n", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        for loaded in (served.model, load_finetuned(pulled)[0]):
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_adapter_version_refuses_a_missing_or_tampered_base(lora, mlflow_cfg, tmp_path):
+    from tagtune.models import ModelIntegrityError, load_finetuned
+
+    rec = _register(lora, "lean", "good", tmp_path, mlflow_cfg)
+    pulled = tmp_path / "pulled"
+    pull(rec["model_uri"], pulled, mlflow_cfg)
+    ref_file = pulled / "artifacts" / "base.json"
+    ref = read_json(ref_file)
+    base = shutil.copytree(ref["spec"], tmp_path / "base-copy")
+    write_json(ref_file, {**ref, "spec": str(tmp_path / "gone")})
+    with pytest.raises(ModelIntegrityError, match="cannot be resolved here"):
+        load_finetuned(pulled)
+    write_json(ref_file, {**ref, "spec": str(base)})
+    load_finetuned(pulled)  # an identical copy of the base is the same base
+    weights = next(Path(base).glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="not the model this adapter was trained on"):
+        load_finetuned(pulled)
+
+
 @pytest.mark.integration
 def test_classification_model_registers_and_predicts_labels(mlflow_cfg, tmp_path):
     import mlflow
@@ -311,8 +371,9 @@ def test_chatbot_from_uri_pull_and_stream(models, mlflow_cfg, tmp_path):
     pieces = list(bot.stream(QUESTION, GEN))
     assert "".join(pieces) == answer.text and not any("<END>" in p for p in pieces)
 
-    model_dir = pull("models:/town/1", tmp_path / "pulled", mlflow_cfg)
-    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    root = pull("models:/town/1", tmp_path / "pulled", mlflow_cfg)  # full fine-tuning: the model, bf16
+    assert (root / "model" / "config.json").is_file() and (root / "model" / "model.safetensors").is_file()
+    assert read_json(root / "model" / "config.json")["dtype"] == "bfloat16"
     local = Chatbot.from_dir(tmp_path / "pulled")
     assert local.info["version"] == "1" and local.answer([QUESTION], GEN)[0].text == expected
 
@@ -322,7 +383,7 @@ def test_chatbot_from_uri_pull_and_stream(models, mlflow_cfg, tmp_path):
 def test_chatbot_stream_ends_at_max_new_tokens_and_when_closed(models):
     """Streams that end without the end marker (length limit) or are closed early do not hang."""
     bot = Chatbot.from_dir(models["good"][0])
-    assert bot.info["source"].endswith("model")
+    assert bot.info["source"] == str(models["good"][0])
     for n in (1, 3, 40):
         gen = GenerationConfig(max_new_tokens=n)
         (answer,) = bot.answer([QUESTION], gen)

@@ -22,7 +22,7 @@ from tagtune.errors import TagtuneError
 from tagtune.generation import stream_answer
 from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model_dir, load_saved, verify_model_dir
+from tagtune.models import cache_root, find_model, load_found, verify_model_dir
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
@@ -38,15 +38,13 @@ def model_label(info: dict[str, Any]) -> str:
     return f"local model {info.get('source', '?')}"
 
 
-def _grounding_of(model_dir: Path) -> tuple[FactIndex | None, dict]:
+def _grounding_of(root: Path) -> tuple[FactIndex | None, dict]:
     """(the fact index, {retrieval_k, abstain_threshold}) a pulled registry version ships, if any."""
-    root = model_dir.parent.parent  # <pulled>/artifacts/model → <pulled>
-    index_dir = model_dir.parent / "index"
+    index_dir = root / "index"  # <pulled>/artifacts/index, beside the model
     if not (index_dir / FACTS_FILE).is_file():
         return None, {}
-    mlmodel = (
-        yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")) if (root / "MLmodel").is_file() else {}
-    )
+    mlmodel_file = root.parent / "MLmodel"
+    mlmodel = yaml.safe_load(mlmodel_file.read_text(encoding="utf-8")) if mlmodel_file.is_file() else {}
     config = ((mlmodel or {}).get("flavors", {}).get("python_function", {}) or {}).get("model_config") or {}
     return FactIndex.load(index_dir), config
 
@@ -80,9 +78,9 @@ class Chatbot:
         grounded run pass the index stage's directory (and evaluate's `abstain.threshold`).
         """
         verify_model_dir(path)
-        model_dir, template_path = find_model_dir(path)
+        root, template_path = find_model(path)
         info: dict[str, Any] = {"model_name": None, "version": None, "alias": None, "run_id": None}
-        for f in (Path(path) / INFO_FILE, model_dir.parent.parent / INFO_FILE):
+        for f in (Path(path) / INFO_FILE, root.parent / INFO_FILE):
             if f.is_file():
                 info.update(read_json(f))
                 break
@@ -90,12 +88,12 @@ class Chatbot:
         if (Path(path) / "training.json").is_file():
             training = read_json(Path(path) / "training.json")
             info["run_id"] = info["run_id"] or training.get("mlflow_run_id")
-        info["source"] = str(model_dir)
-        facts, grounding = _grounding_of(model_dir)
+        info["source"] = str(root)
+        facts, grounding = _grounding_of(root)
         if facts is None and index is not None and training.get("grounded"):
             facts = FactIndex.load(index)
             grounding = {"retrieval_k": training["grounded"]["k"], "abstain_threshold": threshold}
-        model, tok = load_saved(model_dir)
+        model, tok = load_found(root)
         return cls(model, tok, read_json(template_path), info, facts, grounding)
 
     @classmethod

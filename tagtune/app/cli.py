@@ -6,6 +6,7 @@
     tagtune deploy [--cron "0 3 * * *"]          # scheduled retraining (serves until Ctrl-C)
     tagtune chat [-q "When does the museum open?"] [--version 3] [--temperature 0.7 --sample]
     tagtune pull --dest exported/ [--alias champion]
+    tagtune export --format gguf --out town.gguf [--quant q8_0] [--model models/finetune | --version 3]
     tagtune ui [--port 7860]                     # Gradio chat page with 👍/👎 + corrections
     tagtune rollback [--to 2]                    # @champion back to the previous champion
 
@@ -340,13 +341,66 @@ def pull(
         bool, typer.Option("--force", help="replace --dest even if it holds other files (never . or ~)")
     ] = False,
 ) -> None:
-    """Write a registered version to a local directory (an MLflow model dir; HF model inside)."""
+    """Write a registered version to a local directory (an MLflow model dir: `mlflow models serve -m`,
+    `tagtune chat --model-dir`; `tagtune export` turns it into a merged HF model, GGUF or Ollama)."""
     from tagtune.registry import pull as pull_model
 
     p = load_params(params)
     uri = _model_uri(p, version, alias)
     model_dir = pull_model(uri, dest, p.mlflow, force)
-    print(f"pulled {uri} to {dest} (Hugging Face model: {model_dir})")
+    print(f"pulled {uri} to {dest} (model files: {model_dir})")
+
+
+@app.command()
+@_errors
+def export(
+    format_: Annotated[str, typer.Option("--format", metavar="merged|gguf|ollama", help="what to write")],
+    out: Annotated[Path, typer.Option(help="a .gguf file (gguf) or a directory (merged, ollama)")],
+    quant: Annotated[
+        str | None, typer.Option(metavar="f16|q8_0|f32", help="GGUF weights (default f16; q8_0 about half)")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="a local model (finetune output, pulled dir) instead of the registry")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace --out even if it holds other files (never . or ~)")
+    ] = False,
+) -> None:
+    """Export a model for llama.cpp/LM Studio (gguf), Ollama (ollama) or transformers (merged)."""
+    import tempfile
+
+    from tagtune.export import check_request, is_grounded, model_source
+    from tagtune.export import export as export_model
+
+    check_request(format_, out, quant, force)  # before anything is pulled or loaded
+    if model is not None and (version or alias):
+        raise TagtuneError("give --model or --version/--alias, not both")
+    p = load_params(params)
+    with tempfile.TemporaryDirectory(prefix="tagtune-export-") as work:
+        source, label = model, str(model)
+        if source is None:
+            from tagtune.registry import pull as pull_model
+
+            label = _model_uri(p, version, alias)
+            source = Path(work) / "pulled"
+            pull_model(label, source, p.mlflow)
+        model_dir, template = model_source(source, Path(work))
+        written = export_model(format_, model_dir, template, out, quant, p.evaluate.generation, force)
+        grounded = is_grounded(source)
+    size = sum(f.stat().st_size for f in [written, *written.rglob("*")] if f.is_file()) / 1e6  # MB
+    kind = format_ if format_ == "merged" else f"{format_} {quant or 'f16'}"
+    print(f"exported {label} to {written} ({kind}, {size:.1f} MB)")
+    if format_ == "ollama":
+        print(f"next: cd {written} && ollama create NAME -f Modelfile && ollama run NAME")
+    if grounded:
+        print(
+            "warning: this model was trained to answer from retrieved facts; the export answers without "
+            "them (retrieval and abstention run only in tagtune chat/ui and the registered model)",
+            file=sys.stderr,
+        )
 
 
 @app.command()
