@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -468,13 +469,81 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
-@tracking.mlflow_errors
+def _lookup_sqlite(path: str, name: str, version: str | None, alias: str | None) -> tuple[str, str] | None:
+    """(version, run id) read straight from a SQLite registry (read-only), or None if not found."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        if alias:
+            row = db.execute(
+                "SELECT version FROM registered_model_aliases WHERE workspace = 'default' AND name = ? AND alias = ?",
+                (name, alias),
+            ).fetchone()
+            version = str(row[0]) if row else None
+        if version is None:
+            return None
+        row = db.execute(
+            "SELECT run_id FROM model_versions "
+            "WHERE workspace = 'default' AND name = ? AND version = ? AND current_stage != ?",
+            (name, int(version), "Deleted_Internal"),
+        ).fetchone()
+    return (version, row[0]) if row else None
+
+
+def _lookup_rest(uri: str, name: str, version: str | None, alias: str | None, timeout: float):
+    """(version, run id) from an MLflow server's REST API (`/api/2.0/mlflow/...`), or None."""
+    import urllib.parse
+    import urllib.request
+
+    if alias:
+        query, path = {"name": name, "alias": alias}, "registered-models/alias"
+    else:
+        query, path = {"name": name, "version": version}, "model-versions/get"
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        mv = json.loads(r.read()).get("model_version") or {}
+    return (str(mv["version"]), mv.get("run_id") or "") if mv.get("version") else None
+
+
+def _resolve_fast(model_uri: str, mlflow_cfg: MlflowConfig) -> dict[str, Any] | None:
+    """`resolve_version` without importing MLflow (~2 s of every `tagtune chat` start): a read-only
+    query of the registry tables of a `sqlite:///` store, or the REST API of an `http(s)://` server.
+    None whenever that is not possible (another store, a schema MLflow changed, any error): the
+    caller then asks MlflowClient, which also gives the proper error messages."""
+    from tagtune.config import tracking_uri
+
+    name, version, alias = parse_model_uri(model_uri)
+    uri = tracking_uri(mlflow_cfg)
+    if os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("MLFLOW_WORKSPACE"):
+        return None  # a registry elsewhere, or another workspace: only MlflowClient knows
+    try:
+        if uri.startswith("sqlite:///"):
+            found = _lookup_sqlite(uri[len("sqlite:///") :], name, version, alias)
+        elif uri.startswith(("http://", "https://")):
+            found = _lookup_rest(uri, name, version, alias, float(mlflow_cfg.timeout_s))
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - only a shortcut: MlflowClient decides and words the error
+        return None
+    if found is None or not found[1]:
+        return None
+    return {
+        "model_name": name, "version": found[0], "alias": alias, "run_id": found[1],
+        "model_uri": f"models:/{name}/{found[0]}",
+    }  # fmt: skip
+
+
 def resolve_version(model_uri: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     """{model_name, version, alias, run_id, model_uri} of a `models:/` URI (an alias resolved now).
 
     Raises:
         TagtuneError: the name/alias/version does not exist; TrackingError: MLflow unreachable.
     """
+    return _resolve_fast(model_uri, mlflow_cfg) or _resolve_with_client(model_uri, mlflow_cfg)
+
+
+@tracking.mlflow_errors
+def _resolve_with_client(model_uri: str, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     name, version, alias = parse_model_uri(model_uri)
     c = tracking.client(mlflow_cfg)
     try:

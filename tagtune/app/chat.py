@@ -22,7 +22,7 @@ from tagtune.errors import TagtuneError
 from tagtune.generation import stream_answer
 from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model, load_found, verify_model_dir
+from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
@@ -109,6 +109,7 @@ class Chatbot:
         )
         if not (local / INFO_FILE).is_file():
             pull(info["model_uri"], local, mlflow_cfg, force=True)  # our own cache entry
+        keep_merged(local / "artifacts")  # once per version: later starts load it without peft
         bot = cls.from_dir(local)
         bot.info.update(info)
         return bot
