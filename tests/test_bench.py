@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from bench import finetune_throughput, generation, memory, mfu, orchestration, run
+from bench import chat_start, finetune_throughput, generation, memory, mfu, orchestration, run
 from bench._common import machine_info
 
 
@@ -65,6 +65,12 @@ def test_orchestration_flow_vs_direct_and_noop_repro(tiny_llama):
         "evaluate",
         "register",
     }
+
+
+def test_chat_start_first_cached_and_floor(tiny_llama):
+    r = chat_start.run(repeats=1, steps=2, base=str(tiny_llama))
+    _well_formed(r, "chat_start", ("first_start_s", "cached_start_s", "floor_s", "version_bytes"))
+    assert r["same_answer_every_start"]
 
 
 def test_readme_table_has_a_row_per_target_and_the_machine():

@@ -229,6 +229,25 @@ def test_adapter_version_refuses_a_missing_or_tampered_base(lora, mlflow_cfg, tm
         load_finetuned(pulled)
 
 
+def test_alias_resolution_without_mlflow_matches_the_client(lora, mlflow_cfg, tmp_path, monkeypatch):
+    """chat resolves `@champion` over the REST API (http) or read-only SQL (sqlite) without importing
+    MLflow; both must answer exactly what MlflowClient answers, and defer to it for errors."""
+    from tagtune.errors import TagtuneError
+    from tagtune.registry import _resolve_fast, _resolve_with_client, resolve_version
+
+    rec = _register(lora, "fast", "good", tmp_path / "http", mlflow_cfg)
+    sqlite_cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/reg.db", experiment="fast", timeout_s=10)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    rec_sqlite = _register(lora, "fast", "good", tmp_path / "sqlite", sqlite_cfg)
+    for cfg, r in ((mlflow_cfg, rec), (sqlite_cfg, rec_sqlite)):
+        for uri in ("models:/fast@champion", f"models:/fast/{r['version']}"):
+            fast = _resolve_fast(uri, cfg)
+            assert fast is not None and fast == _resolve_with_client(uri, cfg), (cfg.tracking_uri, uri)
+        assert _resolve_fast("models:/fast@nope", cfg) is None
+        with pytest.raises(TagtuneError, match="not found in the registry"):
+            resolve_version("models:/fast@nope", cfg)
+
+
 @pytest.mark.integration
 def test_classification_model_registers_and_predicts_labels(mlflow_cfg, tmp_path):
     import mlflow
