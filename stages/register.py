@@ -7,7 +7,9 @@
 The model becomes a version of `register.model_name` (a pyfunc: `mlflow.pyfunc.load_model(
 "models:/<name>@champion")`), tagged with git commit, DVC data/params hashes, base model and metrics.
 It gets `@champion` only if `tuned.<register.metric>` beats the champion and the base model by more
-than `register.min_delta`; otherwise `@challenger`. A retry of the same run reuses its version.
+than `register.min_delta` and it breaks at most `register.max_regressions` of the test questions the
+champion answered correctly (paths.register/regressions.md lists every regression and fix, side by
+side); otherwise `@challenger`. A retry of the same run reuses its version.
 Rollback: `python -m tagtune.registry rollback [--to VERSION]`. See tagtune/registry.py.
 
 MLflow unreachable: fails within `mlflow.timeout_s` with a clear message; the trained model stays
@@ -20,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from tagtune.config import GenerationConfig, MlflowConfig, Params, RegisterConfig
-from tagtune.io import atomic_path, read_json, write_json
+from tagtune.io import atomic_path, read_json, read_jsonl, write_json
+from tagtune.regressions import outcomes as per_question
+from tagtune.regressions import sections
 
 RESULT_FILE = "register.json"
+REPORT_FILE = "regressions.md"  # every regression and fix vs the champion, side by side
 
 
 def register(
@@ -58,10 +63,23 @@ def register(
 
     verify_model_dir(finetuned)  # the bytes finetune wrote, or nothing is registered
     metrics = read_json(Path(evaluation) / "metrics.json")
-    result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root), index)
+    answers = Path(evaluation) / "answers.jsonl"
+    outcomes = per_question(read_jsonl(answers)) if answers.is_file() else None
+    result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root), index, outcomes)
+    with atomic_path(Path(out_dir) / REPORT_FILE) as tmp:
+        tmp.write_text(_report(result), encoding="utf-8")
     with atomic_path(Path(out_dir) / RESULT_FILE) as tmp:
         write_json(tmp, result)
     return result
+
+
+def _report(result: dict[str, Any]) -> str:
+    """regressions.md: the decision, then every regression and fix beside the champion's answer."""
+    head = f"# {result['model_name']} v{result['version']}: {result['decision']}\n\n{result['reason']}\n"
+    if result.get("compared_with") is None:
+        return head + "\nNo question-by-question comparison (no champion, or it kept no outcomes).\n"
+    lines = sections(result["regressions"], result["fixes"], result["compared_with"], result["version"])
+    return head + "\n".join(lines) + "\n"
 
 
 def check_registered(out_dir: Path, mlflow_cfg: MlflowConfig) -> dict[str, Any]:

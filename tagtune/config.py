@@ -360,6 +360,8 @@ class RegisterConfig(_Section):
         "auto"  # auto: lower is better for loss/perplexity/failure rates
     )
     min_delta: Annotated[Float, Field(ge=0.0)] = 0.0  # must beat champion and base by this margin
+    # and break at most this share of the test questions the champion answered correctly (1 = off)
+    max_regressions: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.05
 
     @model_validator(mode="before")
     @classmethod

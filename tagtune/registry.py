@@ -48,6 +48,7 @@ TAG_DECISION = "tagtune.decision"
 TAG_REASON = "tagtune.reason"
 ROLLED_BACK = "rolled back"  # TAG_DECISION prefix of a demoted champion: register will not re-promote it
 METRIC_TAG = "metric."  # version tag prefix for evaluation metrics
+OUTCOMES_DIR = "tagtune-outcomes"  # run artifacts: v<N>.json, the per-question outcomes of version N
 INFO_FILE = "tagtune.json"  # written by `pull`: name, version, alias, run id of the pulled model
 
 
@@ -258,20 +259,63 @@ def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: Regist
     return same_weights and new_facts and not_worse
 
 
+def _champion_outcomes(c, champion) -> dict[str, dict[str, Any]] | None:
+    """The per-question outcomes registered with `champion` (None: registered before they were kept)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tagtune-outcomes-") as tmp:
+        try:
+            path = c.download_artifacts(champion.run_id, _outcomes_file(champion.version), tmp)
+        except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST / missing file: an older version
+            return None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _outcomes_file(version: str | int) -> str:
+    return f"{OUTCOMES_DIR}/v{version}.json"
+
+
+def _per_example(c, champion, mv, outcomes: dict | None, cfg: RegisterConfig) -> tuple[bool, str, Any]:
+    """(passes, reason, Comparison | None): the candidate breaks at most `register.max_regressions` of
+    the test questions the champion answered correctly (tagtune/regressions.py)."""
+    from tagtune.regressions import compare
+
+    if champion is None or outcomes is None:
+        return True, "", None
+    old = _champion_outcomes(c, champion)
+    if old is None:
+        return True, f"; champion v{champion.version} has no per-question outcomes (not compared)", None
+    cmp = compare(old, outcomes)
+    allowed = cmp.allowed(cfg.max_regressions)
+    summary = (
+        f"{len(cmp.regressions)} regression(s), {len(cmp.fixes)} fix(es) vs champion v{champion.version} on "
+        f"{cmp.shared} shared test questions"
+    )
+    if len(cmp.regressions) > allowed:
+        shown = "; ".join(repr(r["question"]) for r in cmp.regressions[:3])
+        return False, (
+            f"it breaks {len(cmp.regressions)} of the {cmp.champion_correct} test questions champion "
+            f"v{champion.version} answered correctly (register.max_regressions={cfg.max_regressions:g} allows "
+            f"{allowed}): {shown}{' …' if len(cmp.regressions) > 3 else ''} ({summary})"
+        ), cmp
+    return True, f"; {summary}", cmp
+
+
 def _gate(
-    c, name: str, mv, metrics: dict[str, float], key: str, cfg: RegisterConfig
-) -> tuple[bool, str, str | None]:
-    """(promote, reason, previous champion) for version `mv`; sets the aliases accordingly."""
+    c, name: str, mv, metrics: dict[str, float], key: str, cfg: RegisterConfig, outcomes: dict | None = None
+) -> tuple[bool, str, str | None, Any]:
+    """(promote, reason, previous champion, Comparison | None) for version `mv`; sets the aliases."""
     version = str(mv.version)
     rolled_back = mv.tags.get(TAG_DECISION, "")
     champion = _alias_version(c, name, CHAMPION)
     previous = str(champion.version) if champion is not None else None
     if previous == version:
         reason = f"version {version} is already the champion (re-run of the same run)"
-        return True, reason, c.get_model_version(name, version).tags.get(TAG_PREVIOUS)
+        return True, reason, c.get_model_version(name, version).tags.get(TAG_PREVIOUS), None
     if rolled_back.startswith(ROLLED_BACK):  # a retry must not undo a deliberate rollback
         c.set_registered_model_alias(name, CHALLENGER, version)
-        return False, f"version {version} was {rolled_back}; set @{CHAMPION} by hand to restore it", previous
+        reason = f"version {version} was {rolled_back}; set @{CHAMPION} by hand to restore it"
+        return False, reason, previous, None
     champ_value = None
     if champion is not None:
         raw = _metrics_of(champion).get(key)
@@ -293,16 +337,20 @@ def _gate(
         )
     if base_value is None:
         reason += " (no base-model metric: evaluate.compare_base is off)"
+    comparison = None
+    if promote:
+        promote, why, comparison = _per_example(c, champion, mv, outcomes, cfg)
+        reason = why if not promote else reason + why
     if not promote:
         c.set_registered_model_alias(name, CHALLENGER, version)
-        return False, reason, previous
+        return False, reason, previous, comparison
     if previous is not None:
         c.set_model_version_tag(name, version, TAG_PREVIOUS, previous)
     c.set_registered_model_alias(name, CHAMPION, version)
     challenger = _alias_version(c, name, CHALLENGER)
     if challenger is not None and str(challenger.version) == version:
         c.delete_registered_model_alias(name, CHALLENGER)
-    return True, reason, previous
+    return True, reason, previous, comparison
 
 
 @tracking.mlflow_errors
@@ -314,6 +362,7 @@ def register_model(
     gen: GenerationConfig | None = None,
     repo_root: Path = Path("."),
     index_dir: Path | None = None,
+    outcomes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Register the model of finetune's MLflow run (once per fact index) and apply the promotion gate.
 
@@ -325,6 +374,8 @@ def register_model(
         gen: generation defaults stored in the model (default: GenerationConfig()).
         repo_root: where git and dvc.lock are read for lineage tags.
         index_dir: the index stage's output; shipped inside the version of a model trained grounded.
+        outcomes: per-question outcomes (tagtune/regressions.py), kept with the version and compared
+            with the champion's (`register.max_regressions`).
 
     Returns:
         {model_name, version, run_id, created, alias, decision, reason, previous_champion, ...}.
@@ -356,8 +407,10 @@ def register_model(
     gen = gen or GenerationConfig()
     mv, created = _version_of_run(c, name, run_id, finetuned, tags, gen, mlflow_cfg, grounding)
     version = str(mv.version)
+    if outcomes is not None:  # kept with the version: the next candidate is compared with them
+        tracking.log_text(mlflow_cfg, run_id, json.dumps(outcomes, sort_keys=True), _outcomes_file(version))
     rolled_back = mv.tags.get(TAG_DECISION, "")
-    promote, reason, previous = _gate(c, name, mv, metrics, key, cfg)
+    promote, reason, previous, comparison = _gate(c, name, mv, metrics, key, cfg, outcomes)
     decision = "champion" if promote else "challenger"
     # a demoted champion keeps its mark, so every retry of its run stays put
     mark = rolled_back if not promote and rolled_back.startswith(ROLLED_BACK) else decision
@@ -378,7 +431,15 @@ def register_model(
         "previous_champion": previous,
         "model_uri": f"models:/{name}/{version}",
         "tracking_uri": c.tracking_uri,
+        **_compared(comparison, previous),
     }
+
+
+def _compared(comparison, champion: str | None) -> dict[str, Any]:
+    """register.json's per-question part: the champion compared with, the regressions and the fixes."""
+    if comparison is None:
+        return {"compared_with": None, "regressions": [], "fixes": []}
+    return {"compared_with": champion, "regressions": comparison.regressions, "fixes": comparison.fixes}
 
 
 @tracking.mlflow_errors

@@ -131,6 +131,7 @@ def test_merged_export_and_gguf_via_llama_cpp_answer_like_transformers(tiny, tmp
         llm = _llama(export_gguf(model_dir, template, tmp_path / f"tiny-{outtype}.gguf", outtype), n_ctx=256)
         _same_tokens(llm, tiny["tok"], tiny["prompts"])
         got[outtype] = _llama_answers(llm, tiny["prompts"], template["end_marker"], GEN.max_new_tokens)
+    print(json.dumps({"hf": tiny["hf"], **got}, indent=1))
     assert got["f32"] == tiny["hf"]
     assert got["f16"] == tiny["hf"]
     same = sum(a == b for a, b in zip(got["q8_0"], tiny["hf"], strict=True))

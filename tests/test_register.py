@@ -248,6 +248,29 @@ def test_alias_resolution_without_mlflow_matches_the_client(lora, mlflow_cfg, tm
             resolve_version("models:/fast@nope", cfg)
 
 
+def test_per_example_gate_refuses_a_candidate_that_breaks_champion_answers(models, mlflow_cfg, tmp_path):
+    """A damaged candidate (the 2-step model: its real answers) whose aggregate is made to win (its
+    metrics.json is crafted above the champion's) still breaks the questions the champion answered
+    correctly: refused, with the reason and every regression listed beside the champion's answer."""
+    champion = _register(models, "gate", "good", tmp_path / "a", mlflow_cfg)
+    assert champion["alias"] == CHAMPION and champion["compared_with"] is None
+    crafted = shutil.copytree(models["worse"][1], tmp_path / "worse-eval")
+    metrics = read_json(crafted / "metrics.json")
+    good = read_json(models["good"][1] / "metrics.json")
+    write_json(crafted / "metrics.json", {**metrics, "tuned.answer_f1": good["tuned.answer_f1"] + 0.05})
+    damaged = {"good": (models["worse"][0], crafted)}
+    rec = _register(damaged, "gate", "good", tmp_path / "b", mlflow_cfg)
+    assert rec["alias"] == CHALLENGER and rec["compared_with"] == champion["version"], rec["reason"]
+    assert rec["reason"].startswith("it breaks ") and "max_regressions=0.05" in rec["reason"]
+    assert len(rec["regressions"]) >= 1 and len(rec["regressions"]) > len(rec["fixes"])
+    report = (tmp_path / "b" / "reg" / "regressions.md").read_text()
+    first = rec["regressions"][0]
+    assert f"| {first['question']} | {first['champion']} |" in report and "## Fixes" in report
+    # the per-example gate off: the crafted aggregate alone promotes it
+    again = _register(damaged, "gate", "good", tmp_path / "c", mlflow_cfg, max_regressions=1.0)
+    assert again["alias"] == CHAMPION and again["version"] == rec["version"]
+
+
 @pytest.mark.integration
 def test_classification_model_registers_and_predicts_labels(mlflow_cfg, tmp_path):
     import mlflow

@@ -1,0 +1,101 @@
+"""The per-example regression gate: which test questions a new version breaks or fixes vs the champion.
+
+An aggregate metric can rise while answers users relied on break (fix five, break five, promoted).
+Register keeps each version's per-question outcomes (from evaluate's answers.jsonl, tuned side) with
+the version's MLflow run; a candidate that beats the champion on `register.metric` is still refused
+when it gets wrong more than `register.max_regressions` (a fraction) of the questions the champion
+answered correctly. Questions are matched by their normalised text, so a retrain on grown data
+compares on the questions both versions were tested on.
+
+Correct: an in-domain answer with token F1 >= 0.5 that is not a refusal (the confident-wrong rule's
+complement); an out-of-domain question answered with the refusal; a classification row whose
+predicted label is the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tagtune.text import normalize
+
+CORRECT_F1 = 0.5  # as evaluate's confident-wrong rate: F1 below this (and not refused) is wrong
+
+
+def outcomes(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{normalised question: {question, answer, correct}} of the tuned model's rows of answers.jsonl."""
+    out = {}
+    for r in rows:
+        if r.get("side", "tuned") != "tuned" or "question" not in r:
+            continue
+        if "correct" in r:
+            correct = bool(r["correct"])
+        elif r.get("kind") == "refusal":
+            correct = bool(r.get("refused"))
+        elif "f1" in r:
+            correct = float(r["f1"]) >= CORRECT_F1 and not r.get("refused")
+        else:
+            continue  # a row with no per-question verdict (text perplexity rows)
+        out[normalize(r["question"])] = {
+            "question": r["question"],
+            "answer": str(r.get("answer", r.get("prediction", ""))),
+            "correct": correct,
+        }
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    shared: int  # questions both versions were tested on
+    champion_correct: int  # of those, answered correctly by the champion
+    regressions: list[dict[str, str]]  # champion right, candidate wrong: question, champion, candidate
+    fixes: list[dict[str, str]]  # champion wrong, candidate right
+
+    def allowed(self, max_regressions: float) -> int:
+        """How many regressions `register.max_regressions` (a fraction of champion-correct) allows."""
+        return int(max_regressions * self.champion_correct + 1e-9)
+
+
+def compare(champion: dict[str, dict[str, Any]], candidate: dict[str, dict[str, Any]]) -> Comparison:
+    """Regressions and fixes of `candidate` vs `champion` (both from `outcomes`), in question order."""
+    shared = sorted(set(champion) & set(candidate))
+    regressions, fixes = [], []
+    for q in shared:
+        old, new = champion[q], candidate[q]
+        row = {"question": new["question"], "champion": old["answer"], "candidate": new["answer"]}
+        if old["correct"] and not new["correct"]:
+            regressions.append(row)
+        elif new["correct"] and not old["correct"]:
+            fixes.append(row)
+    return Comparison(len(shared), sum(champion[q]["correct"] for q in shared), regressions, fixes)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def report(cmp: Comparison, champion_version: str, candidate_version: str) -> str:
+    """Markdown: the counts, then every regression and fix, the champion's answer beside the candidate's."""
+    lines = [
+        f"# v{candidate_version} vs champion v{champion_version}, question by question",
+        "",
+        f"{cmp.shared} test questions in common; the champion answered {cmp.champion_correct} correctly. "
+        f"Regressions (champion right, v{candidate_version} wrong): {len(cmp.regressions)}. "
+        f"Fixes: {len(cmp.fixes)}.",
+    ]
+    return "\n".join(lines + sections(cmp.regressions, cmp.fixes, champion_version, candidate_version)) + "\n"
+
+
+def sections(
+    regressions: list[dict[str, str]], fixes: list[dict[str, str]], champion_version: str, candidate_version: str
+) -> list[str]:
+    """Markdown lines: a `## Regressions` and a `## Fixes` table (question | champion | candidate)."""
+    lines: list[str] = []
+    for title, rows in (("Regressions", regressions), ("Fixes", fixes)):
+        lines += ["", f"## {title}", ""]
+        if not rows:
+            lines.append("none")
+            continue
+        lines += [f"| question | champion v{champion_version} | v{candidate_version} |", "|---|---|---|"]
+        lines += [f"| {_cell(r['question'])} | {_cell(r['champion'])} | {_cell(r['candidate'])} |" for r in rows]
+    return lines

@@ -1,0 +1,31 @@
+"""The per-question verdicts and the comparison behind register's per-example gate (tagtune/regressions.py)."""
+
+from __future__ import annotations
+
+from tagtune.regressions import compare, outcomes, report
+
+
+def _row(q: str, f1: float, kind: str = "qa", refused: bool = False, side: str = "tuned") -> dict:
+    return {"question": q, "answer": f"a {q}", "f1": f1, "kind": kind, "refused": refused, "side": side}
+
+
+def test_verdicts_follow_the_confident_wrong_rule():
+    got = outcomes([
+        _row("Right?", 0.5), _row("Wrong?", 0.49), _row("Refused in domain?", 1.0, refused=True),
+        _row("Out of domain?", 0.0, kind="refusal", refused=True), _row("Base side?", 1.0, side="base"),
+        {"question": "Label?", "answer": "pos", "correct": False, "side": "tuned"},
+    ])  # fmt: skip
+    assert {v["question"]: v["correct"] for v in got.values()} == {
+        "Right?": True, "Wrong?": False, "Refused in domain?": False, "Out of domain?": True, "Label?": False,
+    }  # fmt: skip
+
+
+def test_compare_counts_regressions_and_fixes_on_shared_questions_only():
+    champion = outcomes([_row("A?", 1), _row("B?", 1), _row("C?", 0), _row("Gone?", 1)])
+    candidate = outcomes([_row("a ?", 0), _row("B?", 1), _row("C?", 1), _row("New?", 0)])  # "a ?" == "A?"
+    cmp = compare(champion, candidate)
+    assert (cmp.shared, cmp.champion_correct) == (3, 2)
+    assert [r["question"] for r in cmp.regressions] == ["a ?"] and [r["question"] for r in cmp.fixes] == ["C?"]
+    assert cmp.regressions[0]["champion"] == "a A?" and cmp.allowed(0.5) == 1 and cmp.allowed(0.05) == 0
+    md = report(cmp, "3", "4")
+    assert "| a ? | a A? | a a ? |" in md and "Regressions (champion right, v4 wrong): 1" in md
