@@ -6,7 +6,7 @@ PY    := $(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run flow test test-fast lint bench browser clean
+.PHONY: setup run flow test test-fast test-llamacpp lint bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -35,11 +35,18 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# `llamacpp` tests need llama.cpp built from source (minutes): never in `make test`, so never in CI
 test: setup browser
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not llamacpp"
 
 test-fast: setup
-	$(BIN)/pytest -m "not integration and not real_model"
+	$(BIN)/pytest -m "not integration and not real_model and not llamacpp"
+
+# GGUF exports run by llama.cpp itself vs transformers, the merged export and `mlflow models serve`
+# (tests/test_consistency.py). The llamacpp extra has no wheel here: pip builds it from the sdist.
+test-llamacpp: setup
+	$(PY) -m pip install -q -e ".[llamacpp]"
+	$(BIN)/pytest -m llamacpp
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
