@@ -28,7 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO, default_params, emit, log, median, parser, quiet, shipped_splits, stdout_to_stderr
+from bench._common import (
+    REPO,
+    default_params,
+    emit,
+    log,
+    median,
+    parser,
+    quiet,
+    shipped_splits,
+    stdout_to_stderr,
+)
 
 TARGET_S = 3.0
 QUESTION = "When does the Maritime Museum open?"

@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: the same six stage functions `dvc repro` runs, each one a task.
+"""The pipeline as a Prefect flow: the same stage functions `dvc repro` runs, each one a task.
 
     tagtune run [-S finetune.max_steps=50]              # Prefect's ephemeral API; prints the champion
     PREFECT_API_URL=http://127.0.0.1:4200/api tagtune run    # the same against a real Prefect server
@@ -16,10 +16,11 @@ DVC stays the judge of what is up to date, so a flow run and `dvc repro` leave t
 - Overrides (`-S key=value`) are validated with the whole params file, then written into
   params.yaml (comments kept), as `dvc exp run -S` does: dvc.lock can only record params that are
   in params.yaml, and a run whose params are not on disk could not be reproduced.
-- SQL sources (the UI's feedback table) are invisible to DVC's hashing, so when `ingest.sources`
-  has one the flow always re-runs ingest; if the rows came out identical, dvc.lock is unchanged
-  and every later stage is still up to date (a scheduled run with no new data trains 0 steps).
-  (`dvc repro` alone cannot see new feedback rows: `dvc repro -f -s ingest && dvc repro` does.)
+- The UI's feedback table is invisible to DVC's hashing: the `feedback` stage (`always_changed`)
+  snapshots it into data/feedback on every run, flow or `dvc repro`; unchanged feedback gives the
+  same bytes, so nothing downstream runs (a scheduled run with no new feedback trains 0 steps).
+  Other SQL sources in `ingest.sources` make the flow re-run ingest every time, with the same effect
+  (`dvc repro` alone cannot see their new rows: `dvc repro -f -s ingest && dvc repro` does).
 - Before a stage with a check in `stages.CHECKS` (register: `python -m stages.register --check`) the
   check runs: it deletes register.json if the MLflow registry lost its version, so DVC sees the
   stage out of date.
@@ -49,6 +50,8 @@ from tagtune.config import FlowConfig, load_params, write_overrides
 from tagtune.errors import ConfigError
 from tagtune.io import WorkspaceBusyError, workspace_lock
 from tagtune.tracking import is_transient
+
+EVERY_RUN = ("feedback", "ingest")  # stages that may run with nothing new (DVC cannot hash a database)
 
 __all__ = ["WorkspaceBusyError", "pipeline", "stage_task", "headline"]
 
@@ -157,6 +160,7 @@ def headline(name: str, result: dict[str, Any] | None) -> str:
     if not result:
         return ""
     keys = {
+        "feedback": ("verdicts", "examples"),
         "ingest": ("rows", "skipped"),
         "format": ("examples", "refusal_rows", "exact_duplicates"),
         "split": ("train", "val", "test"),
@@ -195,9 +199,11 @@ def _finish(summary: dict[str, Any], status: dict[str, Any], only: list[str] | N
     finetune = summary["stages"].get("finetune", {})
     summary["training_steps"] = _training_steps(finetune.get("result"))
     ran = [n for n, s in summary["stages"].items() if s["ran"]]
-    # ingest re-reads SQL sources every run; only what it feeds tells whether anything changed
-    summary["changed"] = any(n != "ingest" for n in ran)
-    summary["dvc_status"] = {k: _describe(v) for k, v in status.items()}
+    # feedback snapshots the UI's table and ingest re-reads SQL sources on every run (DVC cannot hash
+    # a database): only what they feed tells whether anything changed
+    summary["changed"] = any(n not in EVERY_RUN for n in ran)
+    # an `always_changed` stage (feedback) is never "up to date" by design, which is not a stale state
+    summary["dvc_status"] = {k: _describe(v) for k, v in status.items() if v != ["always changed"]}
     if summary["changed"] or only:
         summary["message"] = f"ran {', '.join(ran) or 'nothing'}; {summary['training_steps']} training steps"
     else:

@@ -44,7 +44,8 @@ def _entry(stage: str, function: str = "run") -> StageRun:
 
 
 STAGES: dict[str, StageRun] = {
-    name: _entry(name) for name in ("ingest", "format", "split", "index", "finetune", "evaluate", "register")
+    name: _entry(name)
+    for name in ("feedback", "ingest", "format", "split", "index", "finetune", "evaluate", "register")
 }
 # What DVC cannot hash, checked before the stage (`--check`): a check that finds the stage's recorded
 # output stale deletes it, so `dvc repro` and the flow run the stage again.

@@ -55,6 +55,7 @@ class PathsConfig(_Section):
     """
 
     raw: Path = Path("data/raw")  # the user's sources (read by ingest and format, written by nobody)
+    feedback: Path = Path("data/feedback")  # feedback.jsonl + examples.jsonl + stats.json: the UI's verdicts
     ingest: Path = Path("data/ingest")  # rows.jsonl + stats.json
     format: Path = Path("data/format")  # examples.jsonl + template.json + preview.md + stats.json
     split: Path = Path("data/split")  # train/val/test.jsonl + stats.json + template.json
@@ -83,7 +84,9 @@ class PathsConfig(_Section):
         return self
 
 
-OUTPUT_PATHS = ("ingest", "format", "split", "index", "finetune", "checkpoints", "evaluate", "register")
+OUTPUT_PATHS = (
+    "feedback", "ingest", "format", "split", "index", "finetune", "checkpoints", "evaluate", "register",
+)  # fmt: skip
 
 
 def _norm(path: str | Path) -> str:
@@ -502,6 +505,8 @@ def _input_overlaps(p: Params) -> list[str]:
             Path(*itertools.takewhile(lambda q: not any(c in q for c in "*?["), Path(path).parts)) or "."
         )
         for name in OUTPUT_PATHS:
+            if name == "feedback" and key.startswith("ingest."):
+                continue  # the feedback stage runs before ingest and writes exactly what ingest reads
             output = getattr(p.paths, name)
             if _inside(literal, output) and literal != ".":
                 out.append(f"{key} ({path}) is inside paths.{name} ({output}): that stage replaces it")
@@ -535,7 +540,15 @@ def _refusal_problems(p: Params) -> list[str]:
     if refusal is None or refusal.for_sources is None:
         return []
     tied = {_norm(s) for s in refusal.for_sources}
-    other = [s.path for s in p.ingest.sources if s.format != "sql" and s.path and _norm(s.path) not in tied]
+    # the users' feedback (a database, or the feedback stage's snapshot of it) is about this same model
+    other = [
+        s.path
+        for s in p.ingest.sources
+        if s.format != "sql"
+        and s.path
+        and _norm(s.path) not in tied
+        and not _inside(s.path, p.paths.feedback)
+    ]
     if not other:
         return []
     return [

@@ -237,7 +237,9 @@ def find_model(path: str | Path) -> tuple[Path, Path]:
             for template in (root / TEMPLATE_FILE, root / "model" / TEMPLATE_FILE):
                 if template.is_file():
                     return root, template
-            raise TagtuneError(f"{root}: no {TEMPLATE_FILE} beside its model (the template facts finetune writes)")
+            raise TagtuneError(
+                f"{root}: no {TEMPLATE_FILE} beside its model (the template facts finetune writes)"
+            )
     if (path / "config.json").is_file():
         for template in (path.parent / TEMPLATE_FILE, path / TEMPLATE_FILE):
             if template.is_file():
@@ -285,7 +287,11 @@ def sha256_file(path: Path) -> str:
         return known[key]
     digest = _sha256_uncached(path)
     if st.st_size >= _CACHE_MIN_BYTES:  # small files hash faster than the cache is read
-        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")} if isinstance(known, dict) else {}
+        known = (
+            {k: v for k, v in known.items() if not k.startswith(f"{path}|")}
+            if isinstance(known, dict)
+            else {}
+        )
         known[key] = digest
         with contextlib.suppress(OSError):  # a read-only cache only costs time
             store.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +314,9 @@ def weights_sha256(root: Path, dirs: tuple[str, ...] = ("model", "adapter")) -> 
 _RETRAIN = "the weights were changed or damaged since (re-run finetune, e.g. `dvc repro -f -s finetune`)"
 
 
-def verify_weights(root: Path, expected: dict[str, str], recorded_in: str | Path, hint: str = _RETRAIN) -> None:
+def verify_weights(
+    root: Path, expected: dict[str, str], recorded_in: str | Path, hint: str = _RETRAIN
+) -> None:
     """Raise unless every file in `expected` (relative to `root`) has its recorded sha256.
 
     Raises:
@@ -484,7 +492,11 @@ def keep_merged(root: str | Path) -> None:
     root = Path(root)
     if (root / "model" / "config.json").is_file() or not (root / ADAPTER / "adapter_config.json").is_file():
         return
-    task = read_json(root / TEMPLATE_FILE).get("task", "causal_lm") if (root / TEMPLATE_FILE).is_file() else "causal_lm"
+    task = (
+        read_json(root / TEMPLATE_FILE).get("task", "causal_lm")
+        if (root / TEMPLATE_FILE).is_file()
+        else "causal_lm"
+    )
     model, tok = load_found(root, task)
     with atomic_path(root / "model", force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -515,7 +527,9 @@ def version_artifacts(finetuned: str | Path, dest: str | Path) -> Path:
             shutil.copy2(root / BASE_FILE, dest / BASE_FILE)
         else:  # a finetune output written before base.json
             facts = read_json(root / "training.json")
-            ref = base_reference(facts["base_model"], facts["base_model_dir"], facts.get("labels"), base_dtype(facts))
+            ref = base_reference(
+                facts["base_model"], facts["base_model_dir"], facts.get("labels"), base_dtype(facts)
+            )
             (dest / BASE_FILE).write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return dest
     import torch

@@ -72,7 +72,9 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.task = self.template.get("task", "causal_lm")
         # every artifact lies in the version's artifacts/ dir: model/, or adapter/ + base.json
         root = Path(context.artifacts[TEMPLATE_ARTIFACT]).parent
-        if expected := self.config.get(WEIGHTS_KEY):  # registered with its weight hashes: serve only those bytes
+        if expected := self.config.get(
+            WEIGHTS_KEY
+        ):  # registered with its weight hashes: serve only those bytes
             legacy = not any("/" in rel for rel in expected)  # versions before adapter-only ones
             where = root / MODEL_ARTIFACT if legacy else root
             verify_weights(where, expected, f"the registered model's config ({WEIGHTS_KEY})")
@@ -185,7 +187,10 @@ def log_pyfunc_model(
         **(grounding or {}),
     }
     if (staged / ADAPTER_ARTIFACT).is_dir():
-        model_files = {ADAPTER_ARTIFACT: str(staged / ADAPTER_ARTIFACT), BASE_ARTIFACT: str(staged / BASE_FILE)}
+        model_files = {
+            ADAPTER_ARTIFACT: str(staged / ADAPTER_ARTIFACT),
+            BASE_ARTIFACT: str(staged / BASE_FILE),
+        }
     else:
         model_files = {MODEL_ARTIFACT: str(staged / MODEL_ARTIFACT)}
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())

@@ -293,11 +293,15 @@ def _per_example(c, champion, mv, outcomes: dict | None, cfg: RegisterConfig) ->
     )
     if len(cmp.regressions) > allowed:
         shown = "; ".join(repr(r["question"]) for r in cmp.regressions[:3])
-        return False, (
-            f"it breaks {len(cmp.regressions)} of the {cmp.champion_correct} test questions champion "
-            f"v{champion.version} answered correctly (register.max_regressions={cfg.max_regressions:g} allows "
-            f"{allowed}): {shown}{' …' if len(cmp.regressions) > 3 else ''} ({summary})"
-        ), cmp
+        return (
+            False,
+            (
+                f"it breaks {len(cmp.regressions)} of the {cmp.champion_correct} test questions champion "
+                f"v{champion.version} answered correctly (register.max_regressions={cfg.max_regressions:g} allows "
+                f"{allowed}): {shown}{' …' if len(cmp.regressions) > 3 else ''} ({summary})"
+            ),
+            cmp,
+        )
     return True, f"; {summary}", cmp
 
 

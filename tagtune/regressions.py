@@ -87,7 +87,10 @@ def report(cmp: Comparison, champion_version: str, candidate_version: str) -> st
 
 
 def sections(
-    regressions: list[dict[str, str]], fixes: list[dict[str, str]], champion_version: str, candidate_version: str
+    regressions: list[dict[str, str]],
+    fixes: list[dict[str, str]],
+    champion_version: str,
+    candidate_version: str,
 ) -> list[str]:
     """Markdown lines: a `## Regressions` and a `## Fixes` table (question | champion | candidate)."""
     lines: list[str] = []
@@ -97,5 +100,7 @@ def sections(
             lines.append("none")
             continue
         lines += [f"| question | champion v{champion_version} | v{candidate_version} |", "|---|---|---|"]
-        lines += [f"| {_cell(r['question'])} | {_cell(r['champion'])} | {_cell(r['candidate'])} |" for r in rows]
+        lines += [
+            f"| {_cell(r['question'])} | {_cell(r['champion'])} | {_cell(r['candidate'])} |" for r in rows
+        ]
     return lines

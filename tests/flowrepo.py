@@ -64,7 +64,7 @@ def make_workspace(root: Path, model_dir: Path) -> Path:
 
     p = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     p["model"]["base"] = str(model_dir)
-    p["ingest"]["sources"][0]["path"] = "data/raw/faq.csv"  # the feedback `sql` source stays as shipped
+    p["ingest"]["sources"][0]["path"] = "data/raw/faq.csv"  # the feedback source stays as shipped
     p["format"]["refusal"] = {"answer": "Sorry, I only know the town.", "questions": "data/raw/ood.txt"}
     p["split"].update(test_fraction=0.4, val_fraction=0.1)
     p["finetune"].update(

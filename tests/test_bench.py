@@ -57,6 +57,7 @@ def test_orchestration_flow_vs_direct_and_noop_repro(tiny_llama):
     _well_formed(r, "orchestration", ("flow_s", "direct_s", "steady_step_s", "noop_repro_s"))
     assert r["stages_run"] == 0  # the flow left the workspace up to date
     assert set(r["direct_stage_s"]) == {
+        "feedback",
         "ingest",
         "format",
         "split",

@@ -25,7 +25,7 @@ def _ran(out: str) -> list[str]:
 def test_repro_builds_then_noops_then_reruns_only_the_changed_stage(tmp_path, tiny_llama):
     root = make_workspace(tmp_path / "ws", tiny_llama)
     first = _dvc(root, "repro", "split")
-    assert _ran(first.stdout) == ["ingest", "format", "split"]
+    assert _ran(first.stdout) == ["feedback", "ingest", "format", "split"]
     for f in (
         "data/ingest/rows.jsonl",
         "data/format/examples.jsonl",
@@ -34,12 +34,35 @@ def test_repro_builds_then_noops_then_reruns_only_the_changed_stage(tmp_path, ti
         "data/split/test.jsonl",
     ):
         assert (root / f).is_file(), f
-    assert _ran(_dvc(root, "repro", "split").stdout) == []
+    # the feedback snapshot always runs (DVC cannot hash the database); same bytes: nothing else runs
+    assert _ran(_dvc(root, "repro", "split").stdout) == ["feedback"]
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["split"]["seed"] = 7
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc(root, "repro", "split").stdout) == ["split"]
+    assert _ran(_dvc(root, "repro", "split").stdout) == ["feedback", "split"]
+
+
+def test_repro_sees_new_feedback_and_only_new_feedback(tmp_path, tiny_llama):
+    """`dvc repro` alone picks up a correction recorded by the UI (with its provenance), and a repro
+    with no new feedback runs nothing past the snapshot."""
+    from tagtune.app.ui import FeedbackStore
+    from tagtune.io import read_jsonl
+
+    root = make_workspace(tmp_path / "ws", tiny_llama)
+    _dvc(root, "repro", "ingest")
+    store = FeedbackStore(str(root / "feedback.db"))
+    store.record(
+        "When does the museum open?", "At noon.", -1, "The museum opens at 9 am.", "tagtune-town", "3"
+    )
+    assert _ran(_dvc(root, "repro", "ingest").stdout) == ["feedback", "ingest"]
+    (row,) = read_jsonl(root / "data" / "feedback" / "examples.jsonl")
+    assert (row["answer"], row["model_version"], row["rating"]) == ("The museum opens at 9 am.", "3", -1)
+    fed = [r for r in read_jsonl(root / "data" / "ingest" / "rows.jsonl") if "feedback" in r["source"]]
+    assert len(fed) == 1 and fed[0]["messages"][-1]["content"] == "The museum opens at 9 am."
+    store.record("Is the museum free?", "Yes.", 1, None, "tagtune-town", "3")  # 👍 keeps the answer
+    assert _ran(_dvc(root, "repro", "ingest").stdout) == ["feedback", "ingest"]
+    assert _ran(_dvc(root, "repro", "ingest").stdout) == ["feedback"]
 
 
 def test_bad_raw_data_fails_the_repro_and_leaves_no_output(tmp_path, tiny_llama):

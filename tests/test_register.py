@@ -175,7 +175,9 @@ def lora(models, mlflow_cfg, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     from test_evaluate import make_pipeline
 
     root = tmp_path_factory.mktemp("lora")
-    splits, finetuned = make_pipeline(root, max_steps=40, method="lora", base=models["good"][0].parent / "base")
+    splits, finetuned = make_pipeline(
+        root, max_steps=40, method="lora", base=models["good"][0].parent / "base"
+    )
     evaluate(splits, finetuned, root / "eval", EvaluateConfig(generation=GEN, batch_size=4), mlflow_cfg)
     return {"good": (finetuned, root / "eval")}
 

@@ -25,7 +25,9 @@ def test_compare_counts_regressions_and_fixes_on_shared_questions_only():
     candidate = outcomes([_row("a ?", 0), _row("B?", 1), _row("C?", 1), _row("New?", 0)])  # "a ?" == "A?"
     cmp = compare(champion, candidate)
     assert (cmp.shared, cmp.champion_correct) == (3, 2)
-    assert [r["question"] for r in cmp.regressions] == ["a ?"] and [r["question"] for r in cmp.fixes] == ["C?"]
+    assert [r["question"] for r in cmp.regressions] == ["a ?"] and [r["question"] for r in cmp.fixes] == [
+        "C?"
+    ]
     assert cmp.regressions[0]["champion"] == "a A?" and cmp.allowed(0.5) == 1 and cmp.allowed(0.05) == 0
     md = report(cmp, "3", "4")
     assert "| a ? | a A? | a a ? |" in md and "Regressions (champion right, v4 wrong): 1" in md

@@ -1,5 +1,5 @@
 """The Gradio chat page in real headless Chromium: it shows the served version, answers, and a 👎 with
-a correction lands in the feedback table and in the next ingest. Concurrent users do not crash it."""
+a correction lands in the feedback table, its snapshot and the next ingest. Concurrent users do not crash it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from flowrepo import ANSWER, QUESTION, env, memorised_workspace
 
+from stages.feedback import snapshot_feedback
 from stages.ingest import ingest
 from tagtune.config import load_params
 from tagtune.io import read_jsonl
@@ -35,18 +37,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, tiny_llama):
     """`tagtune ui` (a real server process) serving the memorised workspace's @champion from the
-    registry, with its feedback table in a tmp DB that params' `sql` ingest source reads."""
+    registry, with its feedback table in a tmp DB (ui.feedback_db)."""
     ws = memorised_workspace(tmp_path_factory.getbasetemp(), tiny_llama)
     tmp = tmp_path_factory.mktemp("ui")
     raw = yaml.safe_load((ws / "params.yaml").read_text())
     port, db = _free_port(), str(tmp / "feedback.db")
     raw["ui"].update(port=port, feedback_db=db, max_queue=2)
-    raw["ingest"]["allow_outside"] = (
-        True  # the feedback DB lives in this test's tmp dir, outside the workspace
-    )
-    for src in raw["ingest"]["sources"]:
-        if src["format"] == "sql":
-            src["path"] = db
+    raw["ingest"]["allow_outside"] = True  # the feedback snapshot lives in a tmp dir, outside the workspace
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     url = f"http://127.0.0.1:{port}/"
     proc = subprocess.Popen(
@@ -133,9 +130,17 @@ def test_question_answer_and_correction_reach_the_next_ingest(page, browser, tmp
     assert row["correction"] == row["answer"] == CORRECTION
     assert (row["model_name"], row["model_version"]) == ("tagtune-town", "1")
 
-    # the next ingest: params.yaml's sources, whose `sql` entry reads this page's feedback table
-    stats = ingest(p.ingest, tmp_path / "ingested", base_dir=page["ws"])
-    fed = [r for r in read_jsonl(tmp_path / "ingested" / "rows.jsonl") if r["source"] == p.ui.feedback_db]
+    # the next `dvc repro`: the feedback stage snapshots this page's table (with its provenance), and
+    # params.yaml's feedback source (data/feedback/examples.jsonl) feeds it to ingest
+    assert snapshot_feedback(Path(p.ui.feedback_db), tmp_path / "feedback")["examples"] == 1
+    snap = str(tmp_path / "feedback" / "examples.jsonl")
+    sources = [
+        s.model_copy(update={"path": snap}) if "feedback" in str(s.path) else s for s in p.ingest.sources
+    ]
+    stats = ingest(
+        p.ingest.model_copy(update={"sources": sources}), tmp_path / "ingested", base_dir=page["ws"]
+    )
+    fed = [r for r in read_jsonl(tmp_path / "ingested" / "rows.jsonl") if r["source"] == snap]
     assert stats["rows"] == 13 and len(fed) == 1
     assert fed[0]["messages"] == [
         {"role": "user", "content": QUESTION},
