@@ -254,14 +254,14 @@ def test_per_example_gate_refuses_a_candidate_that_breaks_champion_answers(model
     """A damaged candidate (the 2-step model: its real answers) whose aggregate is made to win (its
     metrics.json is crafted above the champion's) still breaks the questions the champion answered
     correctly: refused, with the reason and every regression listed beside the champion's answer."""
-    champion = _register(models, "gate", "good", tmp_path / "a", mlflow_cfg)
+    champion = _register(models, "per-example", "good", tmp_path / "a", mlflow_cfg)
     assert champion["alias"] == CHAMPION and champion["compared_with"] is None
     crafted = shutil.copytree(models["worse"][1], tmp_path / "worse-eval")
     metrics = read_json(crafted / "metrics.json")
     good = read_json(models["good"][1] / "metrics.json")
     write_json(crafted / "metrics.json", {**metrics, "tuned.answer_f1": good["tuned.answer_f1"] + 0.05})
     damaged = {"good": (models["worse"][0], crafted)}
-    rec = _register(damaged, "gate", "good", tmp_path / "b", mlflow_cfg)
+    rec = _register(damaged, "per-example", "good", tmp_path / "b", mlflow_cfg)
     assert rec["alias"] == CHALLENGER and rec["compared_with"] == champion["version"], rec["reason"]
     assert rec["reason"].startswith("it breaks ") and "max_regressions=0.05" in rec["reason"]
     assert len(rec["regressions"]) >= 1 and len(rec["regressions"]) > len(rec["fixes"])
@@ -269,7 +269,7 @@ def test_per_example_gate_refuses_a_candidate_that_breaks_champion_answers(model
     first = rec["regressions"][0]
     assert f"| {first['question']} | {first['champion']} |" in report and "## Fixes" in report
     # the per-example gate off: the crafted aggregate alone promotes it
-    again = _register(damaged, "gate", "good", tmp_path / "c", mlflow_cfg, max_regressions=1.0)
+    again = _register(damaged, "per-example", "good", tmp_path / "c", mlflow_cfg, max_regressions=1.0)
     assert again["alias"] == CHAMPION and again["version"] == rec["version"]
 
 
