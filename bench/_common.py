@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,16 @@ def emit(result: dict[str, Any], summary: str) -> None:
     assert line.startswith(JSON_PREFIX), "result dicts start with the 'bench' key"
     print(line, flush=True)
     print(summary, flush=True)
+
+
+def measure(run: Callable[..., dict[str, Any]], summary: Callable[[dict[str, Any]], str], *args, **kw) -> int:
+    """Every benchmark's `main` after parsing: quiet libraries, `run(*args, **kw)` with their prints on
+    stderr, then the JSON line + summary on stdout; exit status 0."""
+    quiet()
+    with stdout_to_stderr():
+        r = run(*args, **kw)
+    emit(r, summary(r))
+    return 0
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

@@ -31,13 +31,11 @@ from typing import Any
 from bench._common import (
     REPO,
     default_params,
-    emit,
     log,
+    measure,
     median,
     parser,
-    quiet,
     shipped_splits,
-    stdout_to_stderr,
 )
 
 TARGET_S = 3.0
@@ -153,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="fine-tuning steps of the registered version")
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
-    quiet()
-    with stdout_to_stderr():
-        r = run(args.repeats, args.steps, args.base)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.repeats, args.steps, args.base)
 
 
 if __name__ == "__main__":

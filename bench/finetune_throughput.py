@@ -20,13 +20,11 @@ from typing import Any
 from bench._common import (
     base_dir,
     default_params,
-    emit,
     log,
+    measure,
     median,
     parser,
-    quiet,
     shipped_splits,
-    stdout_to_stderr,
 )
 from bench.seed_baseline import SEED_MAX_LENGTH, train_seed_way
 
@@ -104,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating")
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
-    quiet()
-    with stdout_to_stderr():
-        r = run(args.base, args.steps, args.repeats)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.base, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,11 @@ from typing import Any
 from bench._common import (
     base_dir,
     default_params,
-    emit,
     log,
+    measure,
     median,
     parser,
-    quiet,
     shipped_splits,
-    stdout_to_stderr,
 )
 
 TARGET_RATIO = 5.0
@@ -143,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
-    quiet()
-    with stdout_to_stderr():
-        r = run(args.base, args.questions, args.repeats)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.base, args.questions, args.repeats)
 
 
 if __name__ == "__main__":

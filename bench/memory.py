@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO, emit, log, parser, quiet, shipped_splits, stdout_to_stderr
+from bench._common import REPO, log, measure, parser, shipped_splits
 
 TARGET_MB = 4096.0
 
@@ -104,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     args = ap.parse_args(argv)
-    quiet()
-    with stdout_to_stderr():
-        r = run(args.base, args.steps)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.base, args.steps)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,11 @@ from typing import Any
 from bench._common import (
     base_dir,
     default_params,
-    emit,
     log,
+    measure,
     median,
     parser,
-    quiet,
     shipped_splits,
-    stdout_to_stderr,
 )
 
 TARGET_MFU = 0.50
@@ -271,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: where the time goes")
     args = ap.parse_args(argv)
-    quiet()
-    with stdout_to_stderr():
-        r = run(args.base, args.steps, profile=args.profile)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.base, args.steps, profile=args.profile)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO, default_params, emit, log, median, parser, quiet, stdout_to_stderr
+from bench._common import REPO, default_params, log, measure, median, parser, quiet
+from stages import ALWAYS_RUN
 
 TARGET_SHARE = 0.05
 TARGET_NOOP_S = 2.0
@@ -160,13 +161,10 @@ def noop_repro(ws: Path, repeats: int = 3) -> dict[str, Any]:
     for _ in range(repeats):
         wall, out = _timed([_dvc(), "repro"], ws, _env(ws))
         walls.append(wall)
-        # the feedback snapshot runs on every repro by design (always_changed: DVC cannot hash the
+        # the feedback snapshot runs on every repro by design (stages.ALWAYS_RUN: DVC cannot hash the
         # UI's database); what counts is that nothing else does
-        ran.append(
-            len(
-                [s for s in re.findall(r"^Running stage '(\w+)'", out, flags=re.MULTILINE) if s != "feedback"]
-            )
-        )
+        names = re.findall(r"^Running stage '(\w+)'", out, flags=re.MULTILINE)
+        ran.append(len([s for s in names if s not in ALWAYS_RUN]))
     return {
         "noop_repro_s": round(median(walls), 2),
         "noop_repro_runs_s": [round(w, 2) for w in walls],
@@ -280,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.direct:  # the direct arm's child process
         print(_RESULT + json.dumps(direct_pipeline(Path(args.direct))), flush=True)
         return 0
-    with stdout_to_stderr():
-        r = run(args.base, args.steps, args.examples, args.repeats, args.max_new_tokens)
-    emit(r, summary(r))
-    return 0
+    return measure(run, summary, args.base, args.steps, args.examples, args.repeats, args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,13 @@ from prefect.artifacts import TableArtifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from stages import CHECKS, STAGES, StageRun
+from stages import ALWAYS_RUN, CHECKS, STAGES, StageRun
 from tagtune.config import FlowConfig, load_params, write_overrides
 from tagtune.errors import ConfigError
 from tagtune.io import WorkspaceBusyError, workspace_lock
 from tagtune.tracking import is_transient
 
-EVERY_RUN = ("feedback", "ingest")  # stages that may run with nothing new (DVC cannot hash a database)
+EVERY_RUN = (*ALWAYS_RUN, "ingest")  # may run with nothing new: DVC cannot hash a database (ingest: SQL)
 
 __all__ = ["WorkspaceBusyError", "pipeline", "stage_task", "headline"]
 

@@ -47,6 +47,9 @@ STAGES: dict[str, StageRun] = {
     name: _entry(name)
     for name in ("feedback", "ingest", "format", "split", "index", "finetune", "evaluate", "register")
 }
+# Stages DVC runs on every repro (`always_changed` in dvc.yaml: they read what DVC cannot hash, the UI's
+# feedback database); unchanged input gives the same bytes, so nothing after them runs.
+ALWAYS_RUN: tuple[str, ...] = ("feedback",)
 # What DVC cannot hash, checked before the stage (`--check`): a check that finds the stage's recorded
 # output stale deletes it, so `dvc repro` and the flow run the stage again.
 CHECKS: dict[str, StageRun] = {"register": _entry("register", "check")}

@@ -23,8 +23,8 @@ from typing import Any
 
 from tagtune.config import GenerationConfig, MlflowConfig, Params, RegisterConfig
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json
+from tagtune.regressions import Comparison, report
 from tagtune.regressions import outcomes as per_question
-from tagtune.regressions import sections
 
 RESULT_FILE = "register.json"
 REPORT_FILE = "regressions.md"  # every regression and fix vs the champion, side by side
@@ -78,8 +78,9 @@ def _report(result: dict[str, Any]) -> str:
     head = f"# {result['model_name']} v{result['version']}: {result['decision']}\n\n{result['reason']}\n"
     if result.get("compared_with") is None:
         return head + "\nNo question-by-question comparison (no champion, or it kept no outcomes).\n"
-    lines = sections(result["regressions"], result["fixes"], result["compared_with"], result["version"])
-    return head + "\n".join(lines) + "\n"
+    keys = ("shared", "champion_correct", "regressions", "fixes")
+    comparison = Comparison(**{k: result[k] for k in keys})
+    return head + "\n" + report(comparison, result["compared_with"], result["version"])
 
 
 def check_registered(out_dir: Path, mlflow_cfg: MlflowConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from tagtune.config import ModelConfig
 from tagtune.errors import ConfigError, TagtuneError, one_line
-from tagtune.io import atomic_path, read_json
+from tagtune.io import atomic_path, read_json, write_json
 from tagtune.templates import TEMPLATE_FILE
 
 EMBEDDED = "embedded"
@@ -283,15 +283,13 @@ def sha256_file(path: Path) -> str:
         known = read_json(store) if store.is_file() else {}
     except ValueError:  # a damaged cache file is only a cache
         known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
         return known[key]
     digest = _sha256_uncached(path)
     if st.st_size >= _CACHE_MIN_BYTES:  # small files hash faster than the cache is read
-        known = (
-            {k: v for k, v in known.items() if not k.startswith(f"{path}|")}
-            if isinstance(known, dict)
-            else {}
-        )
+        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")}
         known[key] = digest
         with contextlib.suppress(OSError):  # a read-only cache only costs time
             store.parent.mkdir(parents=True, exist_ok=True)
@@ -339,22 +337,34 @@ def verify_model_dir(path: str | Path) -> None:
     Raises:
         ModelIntegrityError: the weights differ from what was recorded.
     """
-    import yaml
-
     path = Path(path)
     if (path / "training.json").is_file():
         if expected := read_json(path / "training.json").get(WEIGHTS_KEY):
             verify_weights(path, expected, path / "training.json")
     elif (path / "MLmodel").is_file():
-        mlmodel = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8")) or {}
-        config = mlmodel.get("flavors", {}).get("python_function", {}).get("model_config") or {}
-        if expected := config.get(WEIGHTS_KEY):
-            # keyed from artifacts/ (model/…, adapter/…); versions before adapter-only ones: from artifacts/model
-            legacy = not any("/" in rel for rel in expected)
-            verify_weights(path / "artifacts" / ("model" if legacy else ""), expected, path / "MLmodel")
+        if expected := version_config(path).get(WEIGHTS_KEY):
+            verify_version_weights(path / "artifacts", expected, path / "MLmodel")
         merged = path / "artifacts" / "model" / MERGED_RECORD  # a cache entry's merged adapter
         if merged.is_file():
             verify_weights(merged.parent, read_json(merged)[WEIGHTS_KEY], merged)
+
+
+def version_config(pulled: str | Path) -> dict[str, Any]:
+    """The pyfunc `model_config` a registered version was logged with (from a pulled dir's MLmodel)."""
+    import yaml
+
+    mlmodel_file = Path(pulled) / "MLmodel"
+    if not mlmodel_file.is_file():
+        return {}
+    mlmodel = yaml.safe_load(mlmodel_file.read_text(encoding="utf-8")) or {}
+    return (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("model_config") or {}
+
+
+def verify_version_weights(artifacts: Path, expected: dict[str, str], recorded_in: str | Path) -> None:
+    """Check a registered version's weights (its config's WEIGHTS_KEY), keyed from `artifacts/`
+    (model/…, adapter/…); versions registered before adapter-only ones are keyed from artifacts/model."""
+    legacy = not any("/" in rel for rel in expected)
+    verify_weights(Path(artifacts) / ("model" if legacy else ""), expected, recorded_in)
 
 
 def load_saved(model_dir: str | Path, task: str = "causal_lm"):
@@ -492,17 +502,9 @@ def keep_merged(root: str | Path) -> None:
     root = Path(root)
     if (root / "model" / "config.json").is_file() or not (root / ADAPTER / "adapter_config.json").is_file():
         return
-    task = (
-        read_json(root / TEMPLATE_FILE).get("task", "causal_lm")
-        if (root / TEMPLATE_FILE).is_file()
-        else "causal_lm"
-    )
-    model, tok = load_found(root, task)
     with atomic_path(root / "model", force=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        record = {WEIGHTS_KEY: weights_sha256(tmp, (".",))}
-        (tmp / MERGED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        export_model_dir(root, tmp)
+        write_json(tmp / MERGED_RECORD, {WEIGHTS_KEY: weights_sha256(tmp, (".",))})
 
 
 def version_artifacts(finetuned: str | Path, dest: str | Path) -> Path:
@@ -530,7 +532,7 @@ def version_artifacts(finetuned: str | Path, dest: str | Path) -> Path:
             ref = base_reference(
                 facts["base_model"], facts["base_model_dir"], facts.get("labels"), base_dtype(facts)
             )
-            (dest / BASE_FILE).write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_json(dest / BASE_FILE, ref)
         return dest
     import torch
 

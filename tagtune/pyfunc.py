@@ -35,7 +35,7 @@ import pandas as pd
 from tagtune.config import GenerationConfig
 from tagtune.generation import classify
 from tagtune.grounding import reply
-from tagtune.models import ADAPTER, BASE_FILE, WEIGHTS_KEY, load_found, verify_weights, weights_sha256
+from tagtune.models import ADAPTER, BASE_FILE, WEIGHTS_KEY, load_found, verify_version_weights, weights_sha256
 from tagtune.retrieval import FactIndex
 
 MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of a full version's HF model directory
@@ -72,12 +72,8 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         self.task = self.template.get("task", "causal_lm")
         # every artifact lies in the version's artifacts/ dir: model/, or adapter/ + base.json
         root = Path(context.artifacts[TEMPLATE_ARTIFACT]).parent
-        if expected := self.config.get(
-            WEIGHTS_KEY
-        ):  # registered with its weight hashes: serve only those bytes
-            legacy = not any("/" in rel for rel in expected)  # versions before adapter-only ones
-            where = root / MODEL_ARTIFACT if legacy else root
-            verify_weights(where, expected, f"the registered model's config ({WEIGHTS_KEY})")
+        if expected := self.config.get(WEIGHTS_KEY):  # registered with its weight hashes: serve only those
+            verify_version_weights(root, expected, f"the registered model's config ({WEIGHTS_KEY})")
         self.model, self.tokenizer = load_found(root, self.task)
         index = context.artifacts.get(INDEX_ARTIFACT)
         self.index = FactIndex.load(index) if index else None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -275,7 +276,7 @@ def _outcomes_file(version: str | int) -> str:
     return f"{OUTCOMES_DIR}/v{version}.json"
 
 
-def _per_example(c, champion, mv, outcomes: dict | None, cfg: RegisterConfig) -> tuple[bool, str, Any]:
+def _per_example(c, champion, outcomes: dict | None, cfg: RegisterConfig) -> tuple[bool, str, Any]:
     """(passes, reason, Comparison | None): the candidate breaks at most `register.max_regressions` of
     the test questions the champion answered correctly (tagtune/regressions.py)."""
     from tagtune.regressions import compare
@@ -343,7 +344,7 @@ def _gate(
         reason += " (no base-model metric: evaluate.compare_base is off)"
     comparison = None
     if promote:
-        promote, why, comparison = _per_example(c, champion, mv, outcomes, cfg)
+        promote, why, comparison = _per_example(c, champion, outcomes, cfg)
         reason = why if not promote else reason + why
     if not promote:
         c.set_registered_model_alias(name, CHALLENGER, version)
@@ -440,10 +441,11 @@ def register_model(
 
 
 def _compared(comparison, champion: str | None) -> dict[str, Any]:
-    """register.json's per-question part: the champion compared with, the regressions and the fixes."""
+    """register.json's per-question part: the champion compared with, on how many shared questions
+    (of which it answered how many correctly), the regressions and the fixes."""
     if comparison is None:
-        return {"compared_with": None, "regressions": [], "fixes": []}
-    return {"compared_with": champion, "regressions": comparison.regressions, "fixes": comparison.fixes}
+        return {"compared_with": None, "shared": 0, "champion_correct": 0, "regressions": [], "fixes": []}
+    return {"compared_with": champion, **dataclasses.asdict(comparison)}
 
 
 @tracking.mlflow_errors

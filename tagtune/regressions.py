@@ -75,26 +75,14 @@ def _cell(text: str) -> str:
 
 
 def report(cmp: Comparison, champion_version: str, candidate_version: str) -> str:
-    """Markdown: the counts, then every regression and fix, the champion's answer beside the candidate's."""
+    """Markdown (to follow a heading): the counts, then a `## Regressions` and a `## Fixes` table with
+    the champion's answer beside the candidate's."""
     lines = [
-        f"# v{candidate_version} vs champion v{champion_version}, question by question",
-        "",
-        f"{cmp.shared} test questions in common; the champion answered {cmp.champion_correct} correctly. "
-        f"Regressions (champion right, v{candidate_version} wrong): {len(cmp.regressions)}. "
-        f"Fixes: {len(cmp.fixes)}.",
+        f"{cmp.shared} test questions in common with champion v{champion_version}; it answered "
+        f"{cmp.champion_correct} correctly. Regressions (champion right, v{candidate_version} wrong): "
+        f"{len(cmp.regressions)}. Fixes: {len(cmp.fixes)}.",
     ]
-    return "\n".join(lines + sections(cmp.regressions, cmp.fixes, champion_version, candidate_version)) + "\n"
-
-
-def sections(
-    regressions: list[dict[str, str]],
-    fixes: list[dict[str, str]],
-    champion_version: str,
-    candidate_version: str,
-) -> list[str]:
-    """Markdown lines: a `## Regressions` and a `## Fixes` table (question | champion | candidate)."""
-    lines: list[str] = []
-    for title, rows in (("Regressions", regressions), ("Fixes", fixes)):
+    for title, rows in (("Regressions", cmp.regressions), ("Fixes", cmp.fixes)):
         lines += ["", f"## {title}", ""]
         if not rows:
             lines.append("none")
@@ -103,4 +91,4 @@ def sections(
         lines += [
             f"| {_cell(r['question'])} | {_cell(r['champion'])} | {_cell(r['candidate'])} |" for r in rows
         ]
-    return lines
+    return "\n".join(lines) + "\n"

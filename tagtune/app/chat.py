@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tagtune.config import GenerationConfig, MlflowConfig
 from tagtune.errors import TagtuneError
 from tagtune.generation import stream_answer
 from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir
+from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir, version_config
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
@@ -43,10 +41,7 @@ def _grounding_of(root: Path) -> tuple[FactIndex | None, dict]:
     index_dir = root / "index"  # <pulled>/artifacts/index, beside the model
     if not (index_dir / FACTS_FILE).is_file():
         return None, {}
-    mlmodel_file = root.parent / "MLmodel"
-    mlmodel = yaml.safe_load(mlmodel_file.read_text(encoding="utf-8")) if mlmodel_file.is_file() else {}
-    config = ((mlmodel or {}).get("flavors", {}).get("python_function", {}) or {}).get("model_config") or {}
-    return FactIndex.load(index_dir), config
+    return FactIndex.load(index_dir), version_config(root.parent)
 
 
 class Chatbot:
