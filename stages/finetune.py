@@ -37,18 +37,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tagtune.config import FinetuneConfig, MlflowConfig, ModelConfig, Params, RetrievalConfig
+from tagtune.config import (
+    FinetuneConfig,
+    MlflowConfig,
+    ModelConfig,
+    Params,
+    PreferenceConfig,
+    RetrievalConfig,
+)
 from tagtune.encoding import IGNORE_INDEX, PadCollator, build_cls_features, build_lm_features
 from tagtune.errors import ConfigError, DataError, TagtuneError
 from tagtune.grounding import training_segments
 from tagtune.io import atomic_path, check_replaceable, read_jsonl, write_json
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
-from tagtune.text import stable_hash
+from tagtune.text import normalize, stable_hash
 
 # what finetune writes to paths.finetune (an existing directory holding anything else is not replaced)
 WRITES = ("adapter", "model", "training.json", "template.json", "base.json", "loss.csv", "label_audit.md")
 COMPLETE_MARKER = "COMPLETE"  # written after Trainer finished saving a checkpoint
+PREFERENCE_CKPT = "preference"  # the preference phase's checkpoints, inside SFT's (own fingerprint)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -228,7 +236,7 @@ def resume_point(ckpt_dir: Path, fingerprint: str, manage: bool = True) -> Path 
     if ckpt_dir.is_dir() and (
         not fp_file.is_file() or json.loads(fp_file.read_text()).get("fingerprint") != fingerprint
     ):
-        check_replaceable(ckpt_dir, owned=("checkpoint-*", "fingerprint.json"))  # ours to delete?
+        check_replaceable(ckpt_dir, owned=("checkpoint-*", "fingerprint.json", PREFERENCE_CKPT))
         print(
             f"tagtune finetune: {ckpt_dir} holds checkpoints of other data/params; starting fresh",
             file=sys.stderr,
@@ -352,6 +360,109 @@ class _Tracker:
             if final:
                 raise
             print(f"tagtune finetune: warning: MLflow logging failed, will retry: {e}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ preference phase
+def _held_out_questions(splits: Path) -> set[str]:
+    """The val and test questions (normalised): verdicts on them are not trained on."""
+    return {
+        normalize(ex["question"])
+        for name in ("val.jsonl", "test.jsonl")
+        if (splits / name).is_file()
+        for ex in read_jsonl(splits / name)
+        if ex.get("question")
+    }
+
+
+def _preference_rows(
+    verdicts_file: Path, splits: Path, template: dict, tokenizer: Any, grounded: RetrievalConfig | None
+):
+    """DPO/KTO rows from the feedback snapshot, prompts as the model sees them (grounded: with facts)."""
+    from tagtune.preference import preference_rows
+
+    verdicts = read_jsonl(verdicts_file) if verdicts_file.is_file() else []
+    contexts = None
+    if grounded is not None and verdicts:
+        index = FactIndex(facts_from_examples(read_jsonl(splits / "train.jsonl")))
+        questions = sorted({v["question"] for v in verdicts})
+        found = index.search(questions, grounded.k)
+        contexts = {q: [h.fact.text for h in hits] for q, hits in zip(questions, found, strict=True)}
+    return preference_rows(verdicts, template, _held_out_questions(splits), tokenizer, contexts)
+
+
+def _preference_args(cfg: FinetuneConfig, pcfg: PreferenceConfig, ckpt: Path, precision: str) -> dict:
+    """SFT's TrainingArguments keywords with the `preference:` section's schedule."""
+    return {
+        **_training_kwargs(cfg, ckpt, precision),
+        "learning_rate": pcfg.learning_rate,
+        "max_steps": pcfg.steps,
+        "per_device_train_batch_size": pcfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant_with_warmup",  # few steps: no decay to zero half way
+        "warmup_steps": 0.1,
+        # TRL tokenises the rows itself (no length column to group by); KTO's KL term pairs each row
+        # with its neighbour in a fixed order, so it needs `sequential` (rows are shuffled by seed)
+        "train_sampling_strategy": "sequential" if pcfg.method == "kto" else "random",
+        "include_num_input_tokens_seen": "no",
+        "save_steps": min(cfg.save_steps, pcfg.steps),
+    }
+
+
+def prefer(
+    model: Any, tokenizer: Any, rows: Any, cfg: FinetuneConfig, pcfg: PreferenceConfig,
+    checkpoints: Path, fingerprint: str, precision: str,
+) -> dict[str, Any]:  # fmt: skip
+    """DPO or KTO (TRL) on `model` in place, after SFT; returns what it did (training.json's `preference`).
+
+    Checkpoints go to `checkpoints/preference` under their own fingerprint (SFT's + the rows + the
+    section), so a killed run resumes there, and a new verdict re-runs only this phase when SFT's
+    data is unchanged (SFT resumes from its finished checkpoint).
+    """
+    from tagtune.preference import margins, trl_trainer
+
+    train_rows = rows.dpo if pcfg.method == "dpo" else rows.kto
+    facts: dict[str, Any] = {"method": pcfg.method, "rows": len(train_rows), "pairs": len(rows.dpo),
+                             "held_out": rows.held_out, "steps": 0}  # fmt: skip
+    if len(train_rows) < (2 if pcfg.method == "kto" else 1):  # KTO's KL term pairs rows in a batch
+        return facts
+    before = margins(model, tokenizer, rows.dpo, cfg.max_length)
+    ckpt_dir = checkpoints / PREFERENCE_CKPT
+    fp = stable_hash(fingerprint, pcfg.model_dump_json(), json.dumps(train_rows, sort_keys=True))[:16]
+    resume = resume_point(ckpt_dir, fp, manage=int(os.environ.get("RANK", "0")) == 0)
+    log_rows: list[dict] = []  # divergence checks and checkpoint markers as in SFT (_callbacks)
+    trainer = trl_trainer(
+        pcfg.method, model, tokenizer, rows, _preference_args(cfg, pcfg, ckpt_dir, precision),
+        pcfg.beta, pcfg.sft_weight, _callbacks(cfg, log_rows, None),
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    after = margins(model, tokenizer, rows.dpo, cfg.max_length)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    history = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    return {
+        **facts,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(_CKPT.match(resume.name).group(1)) if resume else 0,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "loss": history[-1]["loss"] if history else None,
+        "margin_before": mean(before),  # mean log P(chosen) - log P(rejected) over the pairs
+        "margin_after": mean(after),
+        "history": history,  # per logging step: loss, rewards/margins, ... (MLflow: preference/*)
+    }
+
+
+def _log_preference(mlflow_cfg: MlflowConfig, run_id: str, rows: list[dict], pref: dict | None) -> None:
+    """The preference phase's step metrics (TRL's loss, rewards/margins, ...) and its margins before
+    and after into the version's MLflow run, as `preference/<name>`."""
+    if not pref:
+        return
+    last = {"step": pref["steps"], **{k: pref[k] for k in ("margin_before", "margin_after") if k in pref}}
+    metrics = [
+        (f"preference/{k.replace('/', '_')}", float(v), h["step"])
+        for h in [*rows, last] for k, v in h.items()
+        if k not in ("step", "epoch") and isinstance(v, int | float) and math.isfinite(v)
+    ]  # fmt: skip
+    _tracking().log_metrics(mlflow_cfg, run_id, metrics)
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -545,11 +656,17 @@ def _build_model(
 
 def _training_args(cfg: FinetuneConfig, checkpoints: Path, precision: str):
     """HF TrainingArguments from the `finetune:` section (CPU/DDP aware)."""
-    import torch
     from transformers import TrainingArguments
 
+    return TrainingArguments(**_training_kwargs(cfg, checkpoints, precision))
+
+
+def _training_kwargs(cfg: FinetuneConfig, checkpoints: Path, precision: str) -> dict[str, Any]:
+    """The TrainingArguments keywords of `_training_args` (TRL's configs take the same ones)."""
+    import torch
+
     lora_bf16 = cfg.method == "lora" and precision == "bf16"  # bf16 weights, no autocast (_build_model)
-    return TrainingArguments(
+    return dict(
         output_dir=str(checkpoints),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -583,6 +700,13 @@ def _training_args(cfg: FinetuneConfig, checkpoints: Path, precision: str):
         else None,
         ddp_find_unused_parameters=cfg.method == "freeze",  # frozen blocks get no grads
     )
+
+
+def _tracking():
+    """tagtune.tracking, imported when a run is logged (it imports MLflow)."""
+    from tagtune import tracking
+
+    return tracking
 
 
 def _open_run(
@@ -668,6 +792,20 @@ def _train_or_resume(trainer: Any, resume: Path | None, finished: bool) -> float
     trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _sft(
+    trainer: Any, resume: Path | None, finished: bool, has_val: bool, cfg: FinetuneConfig
+) -> tuple[float, float | None, float]:
+    """(mean training loss, validation loss, wall seconds) of the SFT phase; non-finite losses stop it."""
+    start = time.perf_counter()
+    train_loss = _train_or_resume(trainer, resume, finished)
+    wall = time.perf_counter() - start
+    val_loss = trainer.evaluate()["eval_loss"] if has_val else None
+    for what, value in (("mean training loss", train_loss), ("validation loss", val_loss)):
+        if value is not None and not math.isfinite(value):
+            raise _diverged(what, value, trainer.state.global_step, cfg)
+    return train_loss, val_loss, wall
 
 
 def _write_outputs(
@@ -807,8 +945,10 @@ def finetune(
     checkpoints: Path,
     mlflow_cfg: MlflowConfig | None = None,
     retrieval: RetrievalConfig | None = None,
+    preference: PreferenceConfig | None = None,
+    verdicts: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `model_cfg.base` on `splits/train.jsonl`.
+    """Fine-tune `model_cfg.base` on `splits/train.jsonl` (then DPO/KTO on the verdicts, if asked).
 
     Args:
         splits: the split stage's directory (train/val jsonl + template.json).
@@ -818,6 +958,8 @@ def finetune(
         checkpoints: resumable Trainer checkpoints (kept across runs with the same fingerprint).
         mlflow_cfg: where to log params and step metrics; None disables MLflow.
         retrieval: the `retrieval:` section; enabled → train grounded (tagtune/grounding.py).
+        preference: the `preference:` section; dpo/kto → a preference phase after SFT (`prefer`).
+        verdicts: the feedback stage's feedback.jsonl (the UI's verdicts with the model's answers).
 
     Returns:
         Training facts (also written to training.json).
@@ -846,18 +988,15 @@ def finetune(
         )
         audit = label_audit(trainer.data_collator, tokenizer, data, template, cfg)
         if run_id and trainer.is_world_process_zero():
-            from tagtune import tracking
-
-            tracking.log_text(mlflow_cfg, run_id, audit, f"finetune/{AUDIT_FILE}")
-        start = time.perf_counter()
-        train_loss = _train_or_resume(trainer, resume, finished)
-        wall = time.perf_counter() - start
-        val_loss = trainer.evaluate()["eval_loss"] if data.val else None
-        for what, value in (("mean training loss", train_loss), ("validation loss", val_loss)):
-            if value is not None and not math.isfinite(value):
-                raise _diverged(what, value, trainer.state.global_step, cfg)
+            _tracking().log_text(mlflow_cfg, run_id, audit, f"finetune/{AUDIT_FILE}")
+        train_loss, val_loss, wall = _sft(trainer, resume, finished, bool(data.val), cfg)
+        pref = None
+        if preference is not None and preference.method != "none" and cfg.task == "causal_lm":
+            rows = _preference_rows(Path(verdicts or ""), splits, template, tokenizer, grounded)
+            pref = prefer(model, tokenizer, rows, cfg, preference, checkpoints, fingerprint, precision)
         if not trainer.is_world_process_zero():
             return {}
+        history = pref.pop("history", []) if pref else []
         facts = {
             **_facts(trainer, data, wall, train_loss, val_loss),
             "task": cfg.task,
@@ -870,9 +1009,11 @@ def finetune(
             "precision": precision,
             "fingerprint": fingerprint,
             "mlflow_run_id": run_id,
+            "preference": pref,  # None: SFT only
         }
         _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows, audit)
         if tracker is not None:
+            _log_preference(mlflow_cfg, run_id, history, pref)
             _log_final(mlflow_cfg, run_id, tracker, facts)
     return facts
 
@@ -899,6 +1040,8 @@ def run(p: Params, root: Path) -> dict[str, Any]:
         root / paths.checkpoints,
         p.mlflow.for_runs(),
         p.retrieval,
+        p.preference,
+        root / paths.feedback / "feedback.jsonl",  # stages/feedback.py's FEEDBACK_FILE
     )
 
 

@@ -295,6 +295,25 @@ class FinetuneConfig(_Section):
     threads: Annotated[Int, Field(ge=0)] = 0  # torch CPU threads; 0 = all cores
 
 
+class PreferenceConfig(_Section):
+    """The `preference:` section: preference tuning on the UI's verdicts, after SFT, in the same run.
+
+    `dpo`: each correction is a pair (chosen = the correction, rejected = the model's answer);
+    `kto`: every verdict is an unpaired row (👍 answer and corrections desirable, 👎 answers not).
+    Both with TRL's trainers, prompts and completions rendered as SFT renders them (answer + end tag
+    + EOS trained, the prompt masked), checkpointed and resumed like SFT.
+    """
+
+    method: Literal["none", "dpo", "kto"] = "none"
+    beta: Annotated[Float, Field(gt=0)] = 0.1  # strength of the pull towards the SFT model (TRL's beta)
+    steps: Annotated[Int, Field(gt=0)] = 40  # optimizer steps (few: the verdicts are few)
+    learning_rate: Annotated[Float, Field(gt=0)] = 2e-4
+    batch_size: Annotated[Int, Field(gt=0)] = 4  # KTO needs ≥ 2 (its KL term pairs rows within a batch)
+    # SFT's NLL on the chosen answers added to the DPO loss (RPO, Pang et al. 2024): keeps the
+    # corrected answer likely, not only likelier than the rejected one
+    sft_weight: Annotated[Float, Field(ge=0)] = 1.0
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 class GenerationConfig(_Section):
     do_sample: bool = False  # metrics use greedy decoding unless configured
@@ -438,6 +457,7 @@ class Params(_Section):
     index: IndexConfig = IndexConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     mlflow: MlflowConfig = MlflowConfig()
