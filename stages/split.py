@@ -16,6 +16,9 @@ Strategies (`split.strategy`) for the Q&A knowledge case, where a `group` ties p
   generalisation, not recall).
 - `example`: every unique example hashed alone, ignoring groups.
 
+Rows of the sources in `split.train_only` (the users' corrections) always go to train, unless their
+text is already in val/test: a correction held out for evaluation would never be learnt.
+
 Classification rows are hashed the same way; hashing is independent of the label, so each label's
 split shares match the fractions in expectation (stratified without moving rows on append), and a
 label that appears only outside train is an error.
@@ -23,6 +26,7 @@ label that appears only outside train is an error.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ def _bucket(u: float, cfg: SplitConfig) -> str:
 def assign(examples: list[dict[str, Any]], cfg: SplitConfig) -> list[str]:
     """The split name of each example (same order); pure and deterministic."""
     seed = str(cfg.seed)
+    train_only = {os.path.normpath(x) for x in cfg.train_only}
     anchors: dict[str, str] = {}  # group -> key of its first phrasing (phrasing strategy)
     by_key: dict[str, str] = {}
     out = []
@@ -64,7 +69,9 @@ def assign(examples: list[dict[str, Any]], cfg: SplitConfig) -> list[str]:
         if key in by_key:  # same text → same split, whatever its group
             out.append(by_key[key])
             continue
-        if cfg.strategy == "group" and group:
+        if os.path.normpath(ex.get("source") or "-") in train_only:
+            name = "train"
+        elif cfg.strategy == "group" and group:
             name = _bucket(unit_interval(seed, "group", group), cfg)
         elif cfg.strategy == "phrasing" and group and anchors.setdefault(group, key) == key:
             name = "train"

@@ -222,6 +222,9 @@ class SplitConfig(_Section):
     # phrasing: test = unseen phrasings of facts taught in train (a group's first phrasing stays in
     #           train); group: whole facts held out; example: every unique example hashed alone.
     strategy: Literal["phrasing", "group", "example"] = "phrasing"
+    # ingest source paths whose rows always go to train (the users' corrections: a correction held out
+    # for evaluation would never be learnt); a row whose text is already in val/test stays there
+    train_only: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -490,7 +493,9 @@ class Params(_Section):
     @model_validator(mode="after")
     def _check(self) -> Params:
         """What one section cannot see: inputs under outputs, the gate metric, sample-only settings."""
-        problems = [*_input_overlaps(self), *_gate_problems(self), *_refusal_problems(self)]
+        problems = [
+            *_input_overlaps(self), *_gate_problems(self), *_refusal_problems(self), *_train_only_problems(self)
+        ]  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -552,6 +557,16 @@ def _gate_problems(p: Params) -> list[str]:
     if metric in LOWER_IS_BETTER and p.register.greater_is_better:
         return [f"register.greater_is_better: lower {metric} is better; set it to false (or auto)"]
     return []
+
+
+def _train_only_problems(p: Params) -> list[str]:
+    """split.train_only names ingest sources (by their `path`, as rows record it)."""
+    known = {_norm(s.path) for s in p.ingest.sources if s.path}
+    return [
+        f"split.train_only.{i}: {path!r} is not the path of an ingest source ({', '.join(sorted(known))})"
+        for i, path in enumerate(p.split.train_only)
+        if _norm(path) not in known
+    ]
 
 
 def _refusal_problems(p: Params) -> list[str]:

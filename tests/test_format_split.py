@@ -199,6 +199,19 @@ def test_group_strategy_holds_out_whole_facts(tmp_path):
     assert groups["test"] and not groups["test"] & groups["train"] and not groups["val"] & groups["train"]
 
 
+def test_train_only_sources_always_train_unless_their_text_is_held_out(tmp_path):
+    faq = qa_rows(30, 3)
+    held = [e for e, n in zip(faq, assign(read_jsonl(_tagged(tmp_path / "a", faq) / "examples.jsonl"),
+                                           SplitConfig()), strict=True) if n != "train"]  # fmt: skip
+    fb = [{**_qa(f"Is museum {i} free on Sundays?", "Yes.", i + 2), "source": "data/fb.jsonl"} for i in range(30)]
+    leaked = {**held[0], "source": "data/fb.jsonl"}  # a user's verdict on a held-out question
+    ex = read_jsonl(_tagged(tmp_path / "b", faq + fb + [leaked]) / "examples.jsonl")
+    names = assign(ex, SplitConfig(train_only=["./data/fb.jsonl"]))
+    assert {n for e, n in zip(ex, names, strict=True) if e["source"] == "data/fb.jsonl"} == {"train"}
+    assert len([n for n in names if n != "train"]) == len(held)  # the held-out one stayed held out
+    assert set(assign(ex, SplitConfig())[len(faq) :]) != {"train"}  # without it, some fb rows are held out
+
+
 def test_no_example_text_appears_in_two_splits(tmp_path):
     rows = qa_rows(30, 3) + [_qa("What time does museum 1 open?", "Different answer.", 500)]
     split(_tagged(tmp_path, rows), tmp_path / "s", SplitConfig(strategy="example", test_fraction=0.4))

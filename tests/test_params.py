@@ -66,6 +66,7 @@ def test_dvc_yaml_names_every_stage_and_each_runs_its_module():
         ({"ingest": {"sources": [{"path": "x", "format": "xml"}]}}, "ingest.sources.0.format"),
         ({"evaluate": {"generation": {"top_p": 1.5}}}, "evaluate.generation.top_p"),
         ({"modle": {}}, "modle: unknown key"),
+        ({"split": {"train_only": ["data/nope.csv"]}}, "split.train_only.0: 'data/nope.csv' is not the path"),
     ],
 )
 def test_bad_params_name_the_key_path(raw, needle):
