@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -515,14 +516,29 @@ def _ground(
     )
 
 
+def warm_start_rows(
+    train: list[dict], seen: set[str], replay: float, seed: int
+) -> tuple[list[dict], dict[str, int]]:
+    """A warm start's training rows: every example the champion has not seen, plus a seeded `replay`
+    share of those it has (so it keeps them: continual learning's rehearsal), in split order."""
+    old = [ex for ex in train if ex["id"] in seen]
+    kept = {ex["id"] for ex in random.Random(seed).sample(old, round(replay * len(old)))}
+    rows = [ex for ex in train if ex["id"] not in seen or ex["id"] in kept]
+    return rows, {"new": len(train) - len(old), "replayed": len(kept), "seen": len(old)}
+
+
 def _features(
-    splits: Path, cfg: FinetuneConfig, tokenizer: Any, template: dict, retrieval: RetrievalConfig | None
-) -> _Data:
-    """Tokenise train and val for `cfg.task` (labels masked as encoding.py says; grounded if asked)."""
+    splits: Path, cfg: FinetuneConfig, tokenizer: Any, template: dict, retrieval: RetrievalConfig | None,
+    start: dict | None = None,
+) -> _Data:  # fmt: skip
+    """Tokenise train and val for `cfg.task` (labels masked as encoding.py says; grounded if asked;
+    a warm `start` trains on `warm_start_rows`)."""
     train = read_jsonl(splits / "train.jsonl")
     val = read_jsonl(splits / "val.jsonl")
     if not train:
         raise DataError(splits / "train.jsonl", None, "train split is empty")
+    if start is not None:
+        train, start["rows"] = warm_start_rows(train, set(start["train_ids"]), cfg.replay, cfg.seed)
     if is_grounded(retrieval, cfg, template):
         train, val = _ground(train, val, template, retrieval, cfg.seed, tokenizer)
     if cfg.task == "classification":
@@ -614,6 +630,40 @@ def label_audit(collate: Any, tokenizer: Any, data: _Data, template: dict, cfg: 
     legend = f"Text inside {TRAIN_MARK[0]} {TRAIN_MARK[1]} is trained (has loss); the rest is masked."
     head = f"# Label audit (finetune, before step 1)\n\n{checked}\n{legend} EOS = {tokenizer.eos_token!r}.\n"
     return "\n".join([head, *shown])
+
+
+def _checked_start(start: dict | None, cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict | None:
+    """`start` if the champion can be continued with these params (same base, same method)."""
+    if start is None:
+        return None
+    root, v = Path(start["root"]), start["version"]
+    kind = "lora" if (root / "adapter").is_dir() else "full"
+    if (cfg.method == "lora") != (kind == "lora"):
+        raise ConfigError(
+            f"finetune.init: champion (version {v}) is a {kind} model, finetune.method is {cfg.method!r}: "
+            "a warm start continues the same method (or set finetune.init: base)"
+        )
+    base = json.loads((root / "base.json").read_text()).get("base") if kind == "lora" else None
+    if base is not None and base != model_cfg.base:
+        raise ConfigError(
+            f"finetune.init: champion (version {v}) was trained on base {base!r}, model.base is "
+            f"{model_cfg.base!r} (or set finetune.init: base)"
+        )
+    return start
+
+
+def _init_facts(start: dict | None) -> dict[str, Any]:
+    """training.json's `init`: where the weights started (and, warm, which rows were trained)."""
+    if start is None:
+        return {"from": "base"}
+    return {"from": "champion", **{k: start[k] for k in ("version", "run_id", "rows")}}
+
+
+def _start_weights(start: dict | None, cfg: FinetuneConfig) -> Path | None:
+    """What `_build_model` loads for a warm start: the champion's adapter dir or whole model dir."""
+    if start is None:
+        return None
+    return Path(start["root"]) / ("adapter" if cfg.method == "lora" else "model")
 
 
 def _build_model(
@@ -717,8 +767,10 @@ def _open_run(
     model_cfg: ModelConfig,
     data: _Data,
     precision: str,
+    splits: Path,
 ) -> str | None:
-    """The pipeline version's MLflow run with the training params logged; None without MLflow.
+    """The pipeline version's MLflow run with the training params (and the train split's example ids)
+    logged; None without MLflow.
 
     Only rank 0 logs under DDP.
     """
@@ -739,6 +791,9 @@ def _open_run(
         tags={"tagtune.base_model": params["model.base"], "tagtune.data_digest": data_digest[:16]},
     )
     tracking.log_params(mlflow_cfg, run_id, params)
+    # what a later warm start (finetune.init: champion) needs to tell new examples from seen ones
+    ids = [ex["id"] for ex in read_jsonl(splits / "train.jsonl")]
+    tracking.log_text(mlflow_cfg, run_id, json.dumps(ids), tracking.TRAIN_IDS_ARTIFACT)
     return run_id
 
 
@@ -776,6 +831,16 @@ def _restored_rows(resume: Path | None) -> list[dict[str, Any]]:
          "tokens_per_s": None}
         for h in state.get("log_history", []) if "loss" in h and "step" in h
     ]  # fmt: skip
+
+
+def _tracker(mlflow_cfg: MlflowConfig | None, run_id: str | None, resume: Path | None):
+    """(the run's step-metric tracker or None, loss rows so far: restored from `resume`'s trainer
+    state, and sent to the tracker)."""
+    tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
+    log_rows = _restored_rows(resume)
+    for row in log_rows if tracker else []:
+        tracker.add(row)
+    return tracker, log_rows
 
 
 def _train_or_resume(trainer: Any, resume: Path | None, finished: bool) -> float:
@@ -871,13 +936,16 @@ def _facts(
 
 
 def _fingerprint(
-    splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig, grounded: RetrievalConfig | None
-) -> tuple[str, str]:
-    """(digest of the training data, fingerprint of data + params + base): what checkpoints belong to."""
+    splits: Path, cfg: FinetuneConfig, model_cfg: ModelConfig, grounded: RetrievalConfig | None,
+    start: dict | None = None,
+) -> tuple[str, str]:  # fmt: skip
+    """(digest of the training data, fingerprint of data + params + base + warm start): what
+    checkpoints belong to."""
     data_digest = stable_hash(
         *((splits / f).read_text(encoding="utf-8") for f in ("train.jsonl", "val.jsonl", "template.json"))
     )
     how = cfg.model_dump_json() + (grounded.model_dump_json() if grounded else "")
+    how += f"champion:{start['run_id']}" if start else ""
     return data_digest, stable_hash(data_digest, how, model_cfg.base)[:16]
 
 
@@ -947,6 +1015,7 @@ def finetune(
     retrieval: RetrievalConfig | None = None,
     preference: PreferenceConfig | None = None,
     verdicts: Path | None = None,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_cfg.base` on `splits/train.jsonl` (then DPO/KTO on the verdicts, if asked).
 
@@ -960,6 +1029,7 @@ def finetune(
         retrieval: the `retrieval:` section; enabled → train grounded (tagtune/grounding.py).
         preference: the `preference:` section; dpo/kto → a preference phase after SFT (`prefer`).
         verdicts: the feedback stage's feedback.jsonl (the UI's verdicts with the model's answers).
+        start: `finetune.init: champion` — the pulled champion (tagtune.registry.champion_start).
 
     Returns:
         Training facts (also written to training.json).
@@ -967,22 +1037,18 @@ def finetune(
     splits, out_dir, checkpoints = Path(splits), Path(out_dir), Path(checkpoints)
     template, base_dir, tokenizer, new_tokens = _setup(splits, cfg, model_cfg)
     grounded = retrieval if is_grounded(retrieval, cfg, template) else None
-    data = _features(splits, cfg, tokenizer, template, grounded)
+    data = _features(splits, cfg, tokenizer, template, grounded, _checked_start(start, cfg, model_cfg))
     precision = resolve_precision(cfg.precision, cfg.method)
 
-    data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg, grounded)
+    data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg, grounded, start)
     resume = resume_point(checkpoints, fingerprint, manage=int(os.environ.get("RANK", "0")) == 0)
     resumed_step = int(_CKPT.match(resume.name).group(1)) if resume else 0
     finished = bool(resume and cfg.max_steps and resumed_step >= cfg.max_steps)
-    model = _build_model(
-        base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, resume if finished else None
-    )
-    run_id = _open_run(mlflow_cfg, fingerprint, data_digest, cfg, model_cfg, data, precision)
+    weights = resume if finished else _start_weights(start, cfg)
+    model = _build_model(base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, weights)
+    run_id = _open_run(mlflow_cfg, fingerprint, data_digest, cfg, model_cfg, data, precision, splits)
     with _marks_failure(mlflow_cfg, run_id):  # a crash leaves the MLflow run FAILED, not RUNNING
-        tracker = _Tracker(mlflow_cfg, run_id) if run_id else None
-        log_rows = _restored_rows(resume)  # steps before the checkpoint, from its trainer state
-        for row in log_rows if tracker else []:
-            tracker.add(row)
+        tracker, log_rows = _tracker(mlflow_cfg, run_id, resume)
         trainer = _trainer(
             model, tokenizer, data, _training_args(cfg, checkpoints, precision), cfg, log_rows, tracker
         )
@@ -1010,6 +1076,7 @@ def finetune(
             "fingerprint": fingerprint,
             "mlflow_run_id": run_id,
             "preference": pref,  # None: SFT only
+            "init": _init_facts(start),
         }
         _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows, audit)
         if tracker is not None:
@@ -1030,7 +1097,28 @@ def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, dest: Path) -> None:
     tokenizer.save_pretrained(dest / "model")
 
 
+def _champion(p: Params, scratch: Path) -> dict[str, Any] | None:
+    """`finetune.init: champion`: the registry's champion, pulled into `scratch` (None: no champion
+    yet, so this run starts from the base)."""
+    if p.finetune.init != "champion":
+        return None
+    from tagtune.registry import champion_start
+
+    start = champion_start(p.register.model_name, p.mlflow, scratch / "champion")
+    if start is None:
+        print("tagtune finetune: finetune.init: champion, but there is no champion yet: from the base",
+              file=sys.stderr)  # fmt: skip
+    return start
+
+
 def run(p: Params, root: Path) -> dict[str, Any]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tagtune-champion-") as scratch:
+        return _run(p, root, _champion(p, Path(scratch)))
+
+
+def _run(p: Params, root: Path, start: dict[str, Any] | None) -> dict[str, Any]:
     paths = p.paths
     return finetune(
         root / paths.split,
@@ -1042,6 +1130,7 @@ def run(p: Params, root: Path) -> dict[str, Any]:
         p.retrieval,
         p.preference,
         root / paths.feedback / "feedback.jsonl",  # stages/feedback.py's FEEDBACK_FILE
+        start,
     )
 
 

@@ -296,6 +296,10 @@ class FinetuneConfig(_Section):
     logging_steps: Annotated[Int, Field(gt=0)] = 5
     merge: bool = True  # also write the adapter merged into the base (what register ships)
     threads: Annotated[Int, Field(ge=0)] = 0  # torch CPU threads; 0 = all cores
+    # base: every run starts from model.base. champion: from the registry's @champion (same base and
+    # method), training on the examples it has not seen plus a `replay` share of those it has
+    init: Literal["base", "champion"] = "base"
+    replay: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.5  # init: champion — share of earlier examples
 
 
 class PreferenceConfig(_Section):

@@ -675,6 +675,28 @@ def pull(model_uri: str, dest: Path, mlflow_cfg: MlflowConfig, force: bool = Fal
 
 
 @tracking.mlflow_errors
+def champion_start(model_name: str, mlflow_cfg: MlflowConfig, dest: Path) -> dict[str, Any] | None:
+    """The @champion version pulled to `dest` for a warm start (`finetune.init: champion`), with the
+    example ids it was trained on; None when there is no champion yet.
+
+    Returns:
+        {version, run_id, root (its model dir: adapter/ + base.json, or model/), train_ids}
+    """
+    import mlflow.artifacts
+
+    c = tracking.client(mlflow_cfg)
+    if _alias_version(c, model_name, CHAMPION) is None:
+        return None
+    info = resolve_version(f"models:/{model_name}@champion", mlflow_cfg)
+    root = pull(info["model_uri"], Path(dest), mlflow_cfg, force=True)
+    try:
+        ids = mlflow.artifacts.load_text(f"runs:/{info['run_id']}/{tracking.TRAIN_IDS_ARTIFACT}")
+    except Exception:  # noqa: BLE001 - a version trained before ids were logged: every row is new
+        ids = "[]"
+    return {"version": info["version"], "run_id": info["run_id"], "root": root, "train_ids": json.loads(ids)}
+
+
+@tracking.mlflow_errors
 def version_metrics(model_name: str, version: str, mlflow_cfg: MlflowConfig) -> dict[str, str]:
     """The evaluation metrics `version` was registered with (`tuned.answer_f1`, `base.answer_f1`, ...)."""
     return _metrics_of(tracking.client(mlflow_cfg).get_model_version(model_name, str(version)))

@@ -199,6 +199,9 @@ def metric_steps(cfg: MlflowConfig, run_id: str, key: str) -> set[int]:
     return {m.step for m in client(cfg).get_metric_history(run_id, key)}
 
 
+TRAIN_IDS_ARTIFACT = "finetune/train_ids.json"  # each finetune run: the train split's example ids
+
+
 @mlflow_errors
 def log_text(cfg: MlflowConfig, run_id: str, text: str, artifact_file: str) -> None:
     client(cfg).log_text(run_id, text, artifact_file)
