@@ -13,6 +13,10 @@ Writes `paths.finetune/`: `adapter/` (LoRA) and/or `model/` (merged or fully tra
 memory, MLflow run id, the weights' sha256 that evaluate/register/serving verify), `loss.csv`,
 `label_audit.md`.
 
+After SFT, `preference.method: dpo | kto` tunes the model on the UI's verdicts with TRL (`prefer`,
+tagtune/preference.py) in the same run; `finetune.init: champion` starts from the registry's champion
+instead of the base and trains on the rows it has not seen plus a `finetune.replay` share of the others.
+
 Trust nothing: before step 1 a label audit checks the encoded batches (every example trains some
 tokens, its end tag and EOS); a NaN/inf loss, gradient norm or weight stops the run with nothing
 written (the MLflow run ends FAILED); each checkpoint's COMPLETE marker holds a sha256 manifest, and

@@ -23,11 +23,12 @@ from typing import Any
 
 from tagtune.config import GenerationConfig, MlflowConfig, Params, RegisterConfig
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json
-from tagtune.regressions import Comparison, report
+from tagtune.regressions import Comparison, forgetting, forgetting_report, plot_forgetting, report
 from tagtune.regressions import outcomes as per_question
 
 RESULT_FILE = "register.json"
-REPORT_FILE = "regressions.md"  # every regression and fix vs the champion, side by side
+REPORT_FILE = "regressions.md"  # every regression and fix vs the champion, side by side; forgetting
+FIGURE_FILE = "forgetting.png"  # old vs new test slice, correct share per registered version
 
 
 def register(
@@ -59,15 +60,20 @@ def register(
         tracking.TrackingError: MLflow unreachable; registry.RegistryError: bad metric/registry state.
     """
     from tagtune.models import verify_model_dir
-    from tagtune.registry import register_model
+    from tagtune.registry import outcome_history, register_model
 
     verify_model_dir(finetuned)  # the bytes finetune wrote, or nothing is registered
     metrics = read_json(Path(evaluation) / "metrics.json")
     answers = Path(evaluation) / "answers.jsonl"
     outcomes = per_question(read_jsonl(answers)) if answers.is_file() else None
     result = register_model(Path(finetuned), metrics, cfg, mlflow_cfg, gen, Path(repo_root), index, outcomes)
+    history = forgetting(outcome_history(cfg.model_name, mlflow_cfg)) if outcomes is not None else []
+    with atomic_path(Path(out_dir) / FIGURE_FILE) as tmp:
+        plot_forgetting(history, tmp)  # (an empty figure when there is nothing to draw)
     with atomic_path(Path(out_dir) / REPORT_FILE) as tmp:
-        tmp.write_text(_report(result), encoding="utf-8")
+        tmp.write_text(
+            _report(result) + ("\n" + forgetting_report(history) if history else ""), encoding="utf-8"
+        )
     with atomic_path(Path(out_dir) / RESULT_FILE) as tmp:
         write_json(tmp, result)
     return result

@@ -272,6 +272,15 @@ def _champion_outcomes(c, champion) -> dict[str, dict[str, Any]] | None:
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def outcome_history(model_name: str, mlflow_cfg: MlflowConfig, limit: int = 50) -> list[tuple[str, dict]]:
+    """(version, per-question outcomes) of the registered versions that kept them, oldest first (the
+    first one, then the latest `limit`): what register's forgetting table is drawn from."""
+    c = tracking.client(mlflow_cfg)
+    versions = sorted(c.search_model_versions(f"name='{model_name}'"), key=lambda v: int(v.version))
+    history = [(str(v.version), _champion_outcomes(c, v)) for v in versions[:1] + versions[1:][-limit:]]
+    return [(v, out) for v, out in history if out is not None]
+
+
 def _outcomes_file(version: str | int) -> str:
     return f"{OUTCOMES_DIR}/v{version}.json"
 

@@ -92,3 +92,58 @@ def report(cmp: Comparison, champion_version: str, candidate_version: str) -> st
             f"| {_cell(r['question'])} | {_cell(r['champion'])} | {_cell(r['candidate'])} |" for r in rows
         ]
     return "\n".join(lines) + "\n"
+
+
+def forgetting(history: list[tuple[str, dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per version (oldest first): the share answered correctly of the *old slice* — the first kept
+    version's test questions, frozen — and of the *new slice*, the questions tested only since.
+
+    The split is append-stable, so the first version's test questions stay in every later test set:
+    a drop on the old slice while the new slice rises is forgetting (continual retraining's risk).
+    """
+    if not history:
+        return []
+    frozen = set(history[0][1])
+    rows = []
+    for version, out in history:
+        old = [o["correct"] for q, o in out.items() if q in frozen]
+        new = [o["correct"] for q, o in out.items() if q not in frozen]
+        rows.append({
+            "version": version,
+            "old_slice": len(old), "old_correct": round(sum(old) / len(old), 4) if old else None,
+            "new_slice": len(new), "new_correct": round(sum(new) / len(new), 4) if new else None,
+        })  # fmt: skip
+    return rows
+
+
+def forgetting_report(rows: list[dict[str, Any]]) -> str:
+    """Markdown: the forgetting table (regressions.md's last section)."""
+    lines = ["## Forgetting across versions", "",
+             f"Old slice: the {rows[0]['old_slice']} test questions of v{rows[0]['version']} (frozen); new "
+             "slice: the test questions added since. Share answered correctly.", "",
+             "| version | old slice | new slice |", "|---|---|---|"]  # fmt: skip
+    fmt = lambda v, n: "–" if v is None else f"{v:.3f} (n={n})"  # noqa: E731
+    lines += [f"| v{r['version']} | {fmt(r['old_correct'], r['old_slice'])} | "
+              f"{fmt(r['new_correct'], r['new_slice'])} |" for r in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_forgetting(rows: list[dict[str, Any]], dest) -> None:
+    """forgetting.png: old vs new slice correctness by version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [f"v{r['version']}" for r in rows]
+    for key, label in (("old_correct", "old slice (first version's test questions)"),
+                       ("new_correct", "new slice (test questions added since)")):  # fmt: skip
+        ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answered correctly")
+    ax.set_title("forgetting across registered versions")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)

@@ -268,6 +268,9 @@ def test_per_example_gate_refuses_a_candidate_that_breaks_champion_answers(model
     report = (tmp_path / "b" / "reg" / "regressions.md").read_text()
     first = rec["regressions"][0]
     assert f"| {first['question']} | {first['champion']} |" in report and "## Fixes" in report
+    # forgetting across the versions so far: the champion's test questions are the frozen old slice
+    assert "## Forgetting across versions" in report and f"| v{rec['version']} | " in report
+    assert (tmp_path / "b" / "reg" / "forgetting.png").stat().st_size > 1000
     # the per-example gate off: the crafted aggregate alone promotes it
     again = _register(damaged, "per-example", "good", tmp_path / "c", mlflow_cfg, max_regressions=1.0)
     assert again["alias"] == CHAMPION and again["version"] == rec["version"]

@@ -31,3 +31,17 @@ def test_compare_counts_regressions_and_fixes_on_shared_questions_only():
     assert cmp.regressions[0]["champion"] == "a A?" and cmp.allowed(0.5) == 1 and cmp.allowed(0.05) == 0
     md = report(cmp, "3", "4")
     assert "| a ? | a A? | a a ? |" in md and "Regressions (champion right, v4 wrong): 1" in md
+
+
+def test_forgetting_tracks_the_first_versions_questions_as_a_frozen_slice():
+    from tagtune.regressions import forgetting, forgetting_report
+
+    v1 = {"a": {"correct": True}, "b": {"correct": True}}
+    v2 = {"a": {"correct": False}, "b": {"correct": True}, "c": {"correct": True}}
+    v3 = {"a": {"correct": True}, "b": {"correct": True}, "c": {"correct": False}, "d": {"correct": False}}
+    rows = forgetting([("1", v1), ("2", v2), ("3", v3)])
+    assert [(r["old_correct"], r["new_correct"]) for r in rows] == [(1.0, None), (0.5, 1.0), (1.0, 0.0)]
+    assert [(r["old_slice"], r["new_slice"]) for r in rows] == [(2, 0), (2, 1), (2, 2)]
+    table = forgetting_report(rows)
+    assert "| v2 | 0.500 (n=2) | 1.000 (n=1) |" in table and "| v1 | 1.000 (n=2) | – |" in table
+    assert forgetting([]) == []
