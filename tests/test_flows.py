@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
-from flowrepo import ANSWER, QUESTION, env, make_workspace, stop
+from flowrepo import (
+    ANSWER,
+    QUESTION,
+    deployment,
+    env,
+    make_workspace,
+    prefect_server,
+    start,
+    stop,
+    two_runs_one_at_a_time,
+    wait_for,
+)
 
 from tagtune.errors import ConfigError, DataError
 from tagtune.tracking import TrackingError
@@ -199,97 +207,24 @@ def test_bad_schedule_is_a_config_error():
 
 
 # ------------------------------------------------------------------- deployment on a real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if value := predicate():
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.mark.integration
 def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
     """`tagtune deploy` against `prefect server start`: runs triggered through the API complete,
     one at a time, and the second (nothing changed) reports 0 training steps."""
     ws = make_workspace(tmp_path / "ws", tiny_llama)
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    e = env(ws, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_UI_ENABLED="false")
-    popen = dict(
-        cwd=ws, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        **popen,
-    )
-    served = None
-    try:
-        http = httpx.Client(base_url=api, timeout=10)
-        _wait(lambda: http.get("/health").status_code == 200, 120, "prefect server", server)
-        served = subprocess.Popen(
-            [sys.executable, "-m", "tagtune.app.cli", "deploy", "--cron", "0 0 1 1 *"], **popen
-        )
-
-        def deployment():
-            r = http.get("/deployments/name/tagtune-pipeline/retrain")
-            return r.json() if r.status_code == 200 else None
-
-        dep = _wait(deployment, 120, "the retrain deployment", served)
-        assert dep["global_concurrency_limit"]["limit"] == 1
-        assert dep["schedules"][0]["schedule"]["cron"] == "0 0 1 1 *"
-        assert dep["parameters"]["repo_dir"] == str(ws.resolve())
-
-        def create_run():
-            # a busy server (SQLite locked under load) answers 503 "retry": retry like Prefect's client does
-            r = http.post(f"/deployments/{dep['id']}/create_flow_run", json={})
-            return r if r.status_code != 503 else None
-
-        created = [_wait(create_run, 60, "create_flow_run", served) for _ in range(2)]
-        assert all(r.status_code == 201 for r in created), [r.text for r in created]
-        runs = [r.json()["id"] for r in created]
-
-        def finished(run_id):
-            def check():
-                r = http.get(f"/flow_runs/{run_id}").json()
-                return r if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-            return check
-
-        first, second = (_wait(finished(r), 300, f"flow run {r}", served) for r in runs)
-        assert first["state"]["type"] == "COMPLETED", first["state"]
-        assert second["state"]["type"] == "COMPLETED", second["state"]
-        ordered = sorted((first, second), key=lambda r: r["start_time"])
-        assert ordered[1]["start_time"] >= ordered[0]["end_time"]  # never two runs at once
-
-        def summary(run):
-            arts = http.post(
-                "/artifacts/filter",
-                json={
-                    "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["pipeline-summary"]}}
-                },
-            ).json()
-            return arts[0]["data"]
-
-        assert "4 training steps" in summary(ordered[0])
-        assert "nothing changed since the last run: 0 training steps" in summary(ordered[1])
-        # up to date but for the feedback snapshot, which is `always changed` by design
-        assert json.loads(_dvc(ws, "status", "--json").stdout) == {"feedback": ["always changed"]}
-    finally:
-        if served is not None:
-            stop(served)
-        stop(server)
+    with prefect_server(ws, tmp_path) as (api, e):
+        cmd = [sys.executable, "-m", "tagtune.app.cli", "deploy", "--cron", "0 0 1 1 *"]
+        served = (start(cmd, ws, e, tmp_path / "deploy.log"), tmp_path / "deploy.log")
+        try:
+            dep = wait_for(lambda: deployment(api), 120, "the retrain deployment", served)
+            assert dep["global_concurrency_limit"]["limit"] == 1
+            assert dep["schedules"][0]["schedule"]["cron"] == "0 0 1 1 *"
+            assert dep["parameters"]["repo_dir"] == str(ws.resolve())
+            two_runs_one_at_a_time(api, dep["id"], served)
+        finally:
+            stop(served[0])
+    # up to date but for the feedback snapshot, which is `always changed` by design
+    assert json.loads(_dvc(ws, "status", "--json").stdout) == {"feedback": ["always changed"]}
 
 
 def test_feedback_store_semantics(tmp_path):

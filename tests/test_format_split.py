@@ -203,7 +203,10 @@ def test_train_only_sources_always_train_unless_their_text_is_held_out(tmp_path)
     faq = qa_rows(30, 3)
     held = [e for e, n in zip(faq, assign(read_jsonl(_tagged(tmp_path / "a", faq) / "examples.jsonl"),
                                            SplitConfig()), strict=True) if n != "train"]  # fmt: skip
-    fb = [{**_qa(f"Is museum {i} free on Sundays?", "Yes.", i + 2), "source": "data/fb.jsonl"} for i in range(30)]
+    fb = [
+        {**_qa(f"Is museum {i} free on Sundays?", "Yes.", i + 2), "source": "data/fb.jsonl"}
+        for i in range(30)
+    ]
     leaked = {**held[0], "source": "data/fb.jsonl"}  # a user's verdict on a held-out question
     ex = read_jsonl(_tagged(tmp_path / "b", faq + fb + [leaked]) / "examples.jsonl")
     names = assign(ex, SplitConfig(train_only=["./data/fb.jsonl"]))

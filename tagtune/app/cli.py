@@ -4,6 +4,7 @@
     tagtune stage finetune                       # one stage, recorded in dvc.lock like `dvc repro -s`
     tagtune show                                 # the champion version and one sample answer
     tagtune deploy [--cron "0 3 * * *"]          # scheduled retraining (serves until Ctrl-C)
+    tagtune deploy --pool train                  # ... on a process work pool: `prefect worker start --pool train`
     tagtune chat [-q "When does the museum open?"] [--version 3] [--temperature 0.7 --sample]
     tagtune pull --dest exported/ [--alias champion]
     tagtune export --format gguf --out town.gguf [--quant q8_0] [--model models/finetune | --version 3]
@@ -246,11 +247,27 @@ def deploy(
     params: ParamsOpt = Path("params.yaml"),
     cron: Annotated[str | None, typer.Option(help="override schedule.cron")] = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "retrain",
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="register on this Prefect process work pool (created if missing) for "
+            "`prefect worker start --pool NAME`, and return instead of serving (needs PREFECT_API_URL)",
+        ),
+    ] = None,
 ) -> None:
-    """Serve scheduled retraining (schedule.cron, one run at a time) until Ctrl-C."""
-    from flows.retrain import serve_retrain
+    """Serve scheduled retraining (schedule.cron, one run at a time) until Ctrl-C, or with --pool
+    register it on a work pool whose workers run it."""
+    from flows.retrain import deploy_retrain, serve_retrain
 
-    serve_retrain(params, load_params(params), name, cron)
+    p = load_params(params)
+    if pool is None:
+        serve_retrain(params, p, name, cron)
+        return
+    full_name = deploy_retrain(params, p, pool, name, cron)
+    print(f"deployed {full_name} to work pool {pool!r} (cron {cron or p.schedule.cron!r}, one run at a time)")
+    print("start workers where this workspace is (same path, same PREFECT_API_URL):")
+    print(f"  prefect worker start --pool {pool}")
 
 
 # ------------------------------------------------------------------------------------ consumption
