@@ -656,6 +656,15 @@ def _checked_start(start: dict | None, cfg: FinetuneConfig, model_cfg: ModelConf
     return start
 
 
+def _feedback_facts(verdicts: Path | None) -> dict[str, Any]:
+    """training.json's `feedback`: how many UI verdicts the data held, and the snapshot's sha256."""
+    if verdicts is None or not Path(verdicts).is_file():
+        return {"verdicts": 0, "sha256": None}
+    from tagtune.models import sha256_file
+
+    return {"verdicts": len(read_jsonl(verdicts)), "sha256": sha256_file(Path(verdicts))}
+
+
 def _init_facts(start: dict | None) -> dict[str, Any]:
     """training.json's `init`: where the weights started (and, warm, which rows were trained)."""
     if start is None:
@@ -1081,6 +1090,7 @@ def finetune(
             "mlflow_run_id": run_id,
             "preference": pref,  # None: SFT only
             "init": _init_facts(start),
+            "feedback": _feedback_facts(verdicts),  # register promotes a not-worse retrain on new verdicts
         }
         _write_outputs(out_dir, trainer, tokenizer, cfg, facts, template, log_rows, audit)
         if tracker is not None:

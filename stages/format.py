@@ -155,6 +155,29 @@ def _refusal_fits(rows: list[dict[str, Any]], source: Path, cfg: FormatConfig) -
     return "format.refusal does not apply to classification data (refusals are answers, not labels)"
 
 
+def _overridden(
+    rows: list[dict[str, Any]], examples: list[dict[str, Any]], keys: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
+    """(examples, keys) without the Q&A examples whose question an `overrides` source answers
+    (ingest.sources.N.overrides), and how many were dropped."""
+    corrected = {
+        (r["source"], r["line"]): normalize(next(m["content"] for m in r["messages"] if m["role"] == "user"))
+        for r in rows
+        if r.get("overrides") and r.get("kind") == "chat" and any(m["role"] == "user" for m in r["messages"])
+    }
+    questions = set(corrected.values())
+    keep = [
+        not (ex["kind"] == "qa" and (ex["source"], ex["line"]) not in corrected and normalize(ex["question"]) in questions)
+        for ex in examples
+    ]  # fmt: skip
+    dropped = keep.count(False)
+    return (
+        [e for e, k in zip(examples, keep, strict=True) if k],
+        [x for x, k in zip(keys, keep, strict=True) if k],
+        dropped,
+    )
+
+
 def _dedupe(
     examples: list[dict[str, Any]], keys: list[tuple[str, str]]
 ) -> tuple[list[dict[str, Any]], int, int]:
@@ -203,6 +226,7 @@ def format_examples(
         print(f"tagtune format: note: {skipped}; its rows were skipped", file=sys.stderr)
         cfg = cfg.model_copy(update={"refusal": None})
     examples, keys = _rendered(rows, source, renderer(cfg, tokenizer), cfg, Path(base_dir))
+    examples, keys, n_over = _overridden(rows, examples, keys)
     kept, n_exact, n_norm = _dedupe(examples, keys)
     if not kept:
         raise DataError(source, None, "no examples to format")
@@ -214,6 +238,7 @@ def format_examples(
         **({"refusal_skipped": skipped} if skipped else {}),
         "exact_duplicates": n_exact,
         "normalized_duplicates": n_norm,
+        "overridden": n_over,  # answers replaced by an `overrides` source's (a user's correction)
         "kinds": {k: sum(e["kind"] == k for e in kept) for k in sorted({e["kind"] for e in kept})},
     }
     with atomic_path(out_dir, owned=WRITES) as tmp:

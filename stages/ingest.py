@@ -645,7 +645,8 @@ def _source_rows(
                 stats["skipped_examples"].append(str(error))
             continue
         entry["rows"] += 1
-        yield {"source": name, "line": line, **row}
+        # `overrides`: format drops other sources' examples of the same question (a user's correction)
+        yield {"source": name, "line": line, **row, **({"overrides": True} if src.overrides else {})}
     if not entry["rows"] and not (src.optional and not entry["skipped"]):
         skipped = f" ({entry['skipped']} invalid records skipped)" if entry["skipped"] else ""
         raise DataError(name, None, f"no rows (empty source){skipped}")

@@ -157,6 +157,9 @@ class SourceConfig(_Section):
     # false: facts to answer from, never trained on — indexed for retrieval only (knowledge.jsonl), so
     # adding to them re-indexes without retraining (see `retrieval:`)
     train: bool = True
+    # true: its answers replace every other source's answers to the same question (normalised): a
+    # user's correction must not be trained beside the answer it corrects (the feedback snapshot)
+    overrides: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:

@@ -45,6 +45,7 @@ CHALLENGER = "challenger"
 TAG_FINGERPRINT = "tagtune.fingerprint"
 TAG_INDEX = "tagtune.index"  # digest of the facts a grounded model answers from ("none": not grounded)
 TAG_PREVIOUS = "tagtune.previous_champion"
+TAG_FEEDBACK = "tagtune.feedback"  # sha256 of the feedback snapshot the version trained on ("none")
 TAG_DECISION = "tagtune.decision"
 TAG_REASON = "tagtune.reason"
 ROLLED_BACK = "rolled back"  # TAG_DECISION prefix of a demoted champion: register will not re-promote it
@@ -102,6 +103,8 @@ def lineage_tags(training: dict[str, Any], repo_root: Path = Path(".")) -> dict[
         "tagtune.task": str(training.get("task")),
         "tagtune.method": str(training.get("method")),
         "tagtune.steps": str(training.get("steps")),
+        # the UI verdicts it learnt from (sha256 of the feedback snapshot): see `_is_feedback_retrain`
+        TAG_FEEDBACK: str((training.get("feedback") or {}).get("sha256") or "none"),
     }
     tags.update(_dvc_lock_tags(repo_root))
     return tags
@@ -250,6 +253,19 @@ def _version_of_run(
     return mv, True
 
 
+def _is_feedback_retrain(mv, champion, new: float, champ_value: float | None, cfg: RegisterConfig) -> bool:
+    """Trained on user verdicts the champion never saw, and not worse on the metric.
+
+    A correction is a train row (split.train_only), never a test question, so a retrain that learnt
+    it usually *ties* the champion on the test split; requiring a strict win would keep serving the
+    answer the user corrected. The per-example gate still refuses one that breaks answers.
+    """
+    if champion is None or champ_value is None or mv.tags.get(TAG_FEEDBACK, "none") == "none":
+        return False
+    new_verdicts = mv.tags.get(TAG_FEEDBACK) != champion.tags.get(TAG_FEEDBACK, "none")
+    return new_verdicts and (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0) >= 0
+
+
 def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: RegisterConfig) -> bool:
     """The same trained weights as the champion, answering from a new fact index, and not worse."""
     if champion is None or champ_value is None:
@@ -348,6 +364,12 @@ def _gate(
                 f"same weights as champion v{champion.version} with new facts (knowledge refresh); "
                 f"{key}={float(metrics[key]):.4g} is not worse than {champ_value:.4g}"
             ),
+        )
+    if not promote and _is_feedback_retrain(mv, champion, float(metrics[key]), champ_value, cfg):
+        promote, reason = (
+            True,
+            f"trained on user feedback champion v{champion.version} never saw; {key}="
+            f"{float(metrics[key]):.4g} is not worse than {champ_value:.4g}",
         )
     if base_value is None:
         reason += " (no base-model metric: evaluate.compare_base is off)"

@@ -199,6 +199,27 @@ def test_group_strategy_holds_out_whole_facts(tmp_path):
     assert groups["test"] and not groups["test"] & groups["train"] and not groups["val"] & groups["train"]
 
 
+def test_an_overrides_source_replaces_the_answers_it_corrects(tmp_path):
+    faq = [
+        _qa("When does the museum open?", "At 9 am.", 2, "m"),
+        _qa("Where is the harbour?", "East.", 3, "h"),
+    ]
+    fix = {
+        **_qa(" when does the MUSEUM open? ", "At 10 am on weekdays.", 2),
+        "source": "fb.jsonl",
+        "overrides": True,
+    }
+    (tmp_path / "i").mkdir()
+    write_jsonl(tmp_path / "i" / "rows.jsonl", [*faq, fix])
+    stats = format_examples(tmp_path / "i", tmp_path / "t", FormatConfig(), base_dir=tmp_path)
+    got = {(e["question"].strip(), e["reference"]) for e in read_jsonl(tmp_path / "t" / "examples.jsonl")}
+    assert got == {
+        ("when does the MUSEUM open?", "At 10 am on weekdays."),
+        ("Where is the harbour?", "East."),
+    }
+    assert stats["overridden"] == 1
+
+
 def test_train_only_sources_always_train_unless_their_text_is_held_out(tmp_path):
     faq = qa_rows(30, 3)
     held = [e for e, n in zip(faq, assign(read_jsonl(_tagged(tmp_path / "a", faq) / "examples.jsonl"),

@@ -276,6 +276,21 @@ def test_per_example_gate_refuses_a_candidate_that_breaks_champion_answers(model
     assert again["alias"] == CHAMPION and again["version"] == rec["version"]
 
 
+def test_a_not_worse_retrain_on_new_feedback_is_promoted():
+    """A correction is a train row, so the retrain that learnt it usually ties the champion on test."""
+    from types import SimpleNamespace as Version
+
+    from tagtune.registry import TAG_FEEDBACK, _is_feedback_retrain
+
+    cfg = RegisterConfig(metric="answer_f1", greater_is_better=True)
+    champion, candidate = Version(tags={TAG_FEEDBACK: "none"}), Version(tags={TAG_FEEDBACK: "f00d"})
+    assert _is_feedback_retrain(candidate, champion, 0.8, 0.8, cfg)
+    assert not _is_feedback_retrain(candidate, champion, 0.79, 0.8, cfg)  # worse: no
+    assert not _is_feedback_retrain(candidate, Version(tags={TAG_FEEDBACK: "f00d"}), 0.8, 0.8, cfg)  # seen
+    assert not _is_feedback_retrain(Version(tags={TAG_FEEDBACK: "none"}), champion, 0.8, 0.8, cfg)
+    assert not _is_feedback_retrain(candidate, None, 0.8, None, cfg)
+
+
 @pytest.mark.integration
 def test_classification_model_registers_and_predicts_labels(mlflow_cfg, tmp_path):
     import mlflow

@@ -78,12 +78,15 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class _NoExpectedTracebacks(logging.Filter):
     """Drop Prefect's console traceback of a TagtuneError (the CLI prints it as one line instead),
-    and the ephemeral server's exit message, which would otherwise come after that line."""
+    and the shutdown chatter that would otherwise come after that line: the ephemeral server's exit
+    message, and the events worker's "still processing" notice on a loaded machine."""
+
+    AFTER_EXIT = ("Stopping temporary server", "Still processing items")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], TagtuneError):
             return False
-        return not str(record.msg).startswith("Stopping temporary server")
+        return not any(x in str(record.msg) for x in self.AFTER_EXIT)
 
 
 def _prefect_console() -> None:
@@ -91,7 +94,12 @@ def _prefect_console() -> None:
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
-    for handler in logging.getLogger().handlers:
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(name)
+        for name in list(logging.Logger.manager.loggerDict)
+        if name.startswith("prefect")
+    ]  # prefect's own loggers have their own handlers (propagate: false)
+    for handler in {h for lg in loggers for h in lg.handlers}:
         handler.addFilter(_NoExpectedTracebacks())
 
 
