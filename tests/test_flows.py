@@ -227,6 +227,46 @@ def test_scheduled_deployment_on_a_real_prefect_server(tmp_path, tiny_llama):
     assert json.loads(_dvc(ws, "status", "--json").stdout) == {"feedback": ["always changed"]}
 
 
+def test_the_prefect_scheduler_can_insert_scheduled_runs(tmp_path, monkeypatch):
+    """The server's scheduler service inserts a deployment's upcoming runs in bulk; with SQLAlchemy 2.1
+    that insert raises ("Can't evaluate bulk DML statement") and cron schedules never fire, silently
+    (pyproject pins sqlalchemy<2.1). Calls the function the scheduler calls, on a fresh database."""
+    import asyncio
+    import datetime
+    import uuid
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/prefect.db")
+    from prefect.server import models, schemas
+    from prefect.server.database import provide_database_interface
+
+    async def insert() -> list:
+        db = provide_database_interface()
+        await db.create_db()
+        now = datetime.datetime.now(datetime.UTC)
+        async with db.session_context(begin_transaction=True) as session:
+            flow = await models.flows.create_flow(session=session, flow=schemas.core.Flow(name="f"))
+            dep = await models.deployments.create_deployment(
+                session=session, deployment=schemas.core.Deployment(name="d", flow_id=flow.id)
+            )
+            run = {
+                "id": uuid.uuid4(),
+                "flow_id": flow.id,
+                "deployment_id": dep.id,
+                "name": "scheduled",
+                "idempotency_key": "scheduled-1",
+                "parameters": {},
+                "tags": [],
+                "empirical_policy": {},
+                "created": now,
+                "updated": now,
+                "state": {"type": "SCHEDULED", "name": "Scheduled", "timestamp": now},
+            }  # fmt: skip  (a row as models.deployments._generate_scheduled_flow_runs makes it)
+            return await models.deployments._insert_scheduled_flow_runs(session=session, runs=[run])
+
+    assert len(asyncio.run(insert())) == 1
+
+
 def test_feedback_store_semantics(tmp_path):
     """Latest verdict per question wins; 👎 without a correction trains nothing."""
     from tagtune.app.ui import FeedbackStore
