@@ -1,13 +1,22 @@
-"""Evaluation generation: tagtune's batched `generate_answers` vs one `model.generate` call per question.
+"""Evaluation generation: batched `generate_answers` vs one `generate` call per question; chat's first token.
 
-    python -m bench.generation [--questions 32] [--repeats 2] [--base embedded]
+    python -m bench.generation [--questions 32] [--repeats 2] [--base embedded] [--profile]
 
-Same model (the base model, loaded as evaluate loads it), same questions (N prompts spread over the
-test split, rendered as training rendered them), same `evaluate.generation` settings (greedy,
-max_new_tokens), same stop rule (the end marker or EOS). The one-by-one arm is the usual loop: a
-`generate` call per question with the KV cache on. Both count generated tokens including the stop
-token. The arms alternate per batch of questions (batched, then the same questions one by one),
-`repeats` passes; the ratio is of the medians over passes.
+Same model (the base model), same questions (N prompts spread over the test split, rendered as
+training rendered them), same `evaluate.generation` settings (greedy, max_new_tokens), same stop rule
+(the end marker or EOS). The one-by-one arm is the usual loop: a `generate` call per question with the
+KV cache on. Both count generated tokens including the stop token, and `same_answers` is the share of
+questions whose batched answer is the one-by-one answer. The arms alternate per batch of questions
+(batched, then the same questions one by one), `repeats` passes; the ratio is of the medians.
+
+Each figure is taken in the precisions evaluate runs models in here: fp32 (the base side: evaluate
+loads the base model as saved) and, on CPUs with AVX512-BF16/AMX, bf16 (the default LoRA-tuned side:
+its frozen base trained in bf16 and is merged in bf16).
+
+First token: `tagtune chat` streams through `stream_answer`; in this warm process, the time from a
+prompt to its first yielded piece, alternated with the floor (one forward pass over the prompt, which
+any first token needs); medians over `FIRST_TOKEN_QUESTIONS` questions. `--profile` adds the top ops
+(torch.profiler, self CPU time) of one batched pass: where the batched time goes.
 """
 
 from __future__ import annotations
@@ -27,16 +36,20 @@ from bench._common import (
     shipped_splits,
 )
 
-TARGET_RATIO = 5.0
+TARGET_RATIO = 10.0
+TARGET_FIRST_TOKEN_S = 0.1  # ~0.1 s is where a response stops feeling instantaneous
+FIRST_TOKEN_QUESTIONS = 8
 
 
-def one_by_one(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker: str | None) -> int:
-    """One `generate` call per prompt (no batching); returns the tokens generated in total."""
+def one_by_one(
+    model: Any, tokenizer: Any, prompts: list[str], gen, end_marker: str | None
+) -> tuple[int, list[str]]:
+    """One `generate` call per prompt (no batching); (tokens generated in total, the answers)."""
     import torch
 
-    from tagtune.generation import generation_kwargs
+    from tagtune.generation import cut_answer, generation_kwargs
 
-    total = 0
+    total, texts = 0, []
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.inference_mode():
@@ -48,15 +61,107 @@ def one_by_one(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker: 
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        total += seq.shape[1] - enc["input_ids"].shape[1]
-    return total
+        new = seq[0, enc["input_ids"].shape[1] :]
+        total += len(new)
+        texts.append(cut_answer(tokenizer.decode(new), end_marker, tokenizer.eos_token)[0])
+    return total, texts
+
+
+def compare(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker, bs: int, repeats: int) -> dict:
+    """Batched vs one-by-one, alternating per batch of questions, `repeats` passes."""
+    from tagtune.generation import generate_answers
+
+    chunks = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+    batched, single, same = [], [], 0
+    for i in range(repeats):
+        # alternate per batch of questions (not per whole pass): this machine's speed drifts within
+        # seconds, and each arm should see the same drift
+        b_tok = b_wall = s_tok = s_wall = 0.0
+        for j, chunk in enumerate(chunks):
+            log(f"generation {i + 1}/{repeats}, batch {j + 1}/{len(chunks)}: batched, then one by one")
+            t = time.perf_counter()
+            answers = generate_answers(model, tokenizer, chunk, gen, end_marker, bs)
+            b_wall += time.perf_counter() - t
+            b_tok += sum(a.new_tokens for a in answers)
+            t = time.perf_counter()
+            tokens, texts = one_by_one(model, tokenizer, chunk, gen, end_marker)
+            s_wall += time.perf_counter() - t
+            s_tok += tokens
+            same += sum(a.text == s for a, s in zip(answers, texts, strict=True))
+        batched.append(
+            {"tokens": int(b_tok), "wall_s": round(b_wall, 3), "tokens_per_s": round(b_tok / b_wall, 2)}
+        )
+        single.append(
+            {"tokens": int(s_tok), "wall_s": round(s_wall, 3), "tokens_per_s": round(s_tok / s_wall, 2)}
+        )
+    b_tps = median([r["tokens_per_s"] for r in batched])
+    s_tps = median([r["tokens_per_s"] for r in single])
+    return {
+        "batched_tokens_per_s": round(b_tps, 2),
+        "one_by_one_tokens_per_s": round(s_tps, 2),
+        "ratio": round(b_tps / s_tps, 2),
+        "pair_ratios": [
+            round(b["tokens_per_s"] / s["tokens_per_s"], 2) for b, s in zip(batched, single, strict=True)
+        ],
+        "same_answers": round(same / (len(prompts) * repeats), 3),
+        "met": b_tps / s_tps >= TARGET_RATIO,
+        "batched_runs": batched,
+        "one_by_one_runs": single,
+    }
+
+
+def first_token(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker: str | None) -> dict:
+    """Chat's first streamed piece vs the floor (one forward pass over the prompt), alternating."""
+    import torch
+
+    from tagtune.generation import stream_answer
+
+    firsts, floors = [], []
+    for prompt in [prompts[0], *prompts]:  # the first round warms up (not counted)
+        t = time.perf_counter()
+        stream = stream_answer(model, tokenizer, prompt, gen, end_marker)
+        next(stream, None)
+        firsts.append(time.perf_counter() - t)
+        stream.close()
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1)
+        floors.append(time.perf_counter() - t)
+    first_s, floor_s = median(firsts[1:]), median(floors[1:])
+    return {
+        "first_token_s": round(first_s, 4),
+        "first_token_floor_s": round(floor_s, 4),
+        "first_token_runs_s": [round(x, 4) for x in firsts[1:]],
+        "met_first_token": first_s <= TARGET_FIRST_TOKEN_S,
+    }
+
+
+def profile_batched(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker, bs: int) -> dict:
+    """Share of self CPU time of the top ops in one batched pass (torch.profiler; not the timed runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tagtune.generation import generate_answers
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate_answers(model, tokenizer, prompts, gen, end_marker, bs)
+    events = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    return {"profile_top_ops": {e.key: round(e.self_cpu_time_total / total, 3) for e in top}}
 
 
 def run(
-    base: str = "embedded", questions: int = 32, repeats: int = 2, max_new_tokens: int | None = None
+    base: str = "embedded",
+    questions: int = 32,
+    repeats: int = 2,
+    max_new_tokens: int | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Alternate batched / one-by-one generation `repeats` times; returns the JSON result."""
-    from tagtune.generation import generate_answers
+    """Both figures in fp32 (top-level keys) and, where the CPU has native bf16, in bf16 (`bf16`)."""
+    import torch
+
+    from stages.finetune import cpu_has_bf16
     from tagtune.io import read_jsonl
     from tagtune.models import load_model, load_tokenizer
     from tagtune.templates import read_template
@@ -72,67 +177,48 @@ def run(
         end_marker = read_template(splits).get("end_marker")
     model_dir = base_dir(base)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    prompts = [r["prompt"] for r in rows]
-    bs = params.evaluate.batch_size
-    chunks = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
-    batched, single = [], []
-    for i in range(repeats):
-        # alternate per batch of questions (not per whole pass): this machine's speed drifts within
-        # seconds, and each arm should see the same drift
-        b_tok = b_wall = s_tok = s_wall = slots = 0.0
-        for j, chunk in enumerate(chunks):
-            log(f"generation {i + 1}/{repeats}, batch {j + 1}/{len(chunks)}: batched, then one by one")
-            t = time.perf_counter()
-            answers = generate_answers(model, tokenizer, chunk, gen, end_marker, bs)
-            b_wall += time.perf_counter() - t
-            b_tok += sum(a.new_tokens for a in answers)
-            # a batch decodes until its longest answer ends: rows that stopped earlier idle in it
-            slots += len(chunk) * max(a.new_tokens for a in answers)
-            t = time.perf_counter()
-            s_tok += one_by_one(model, tokenizer, chunk, gen, end_marker)
-            s_wall += time.perf_counter() - t
-        batched.append(
-            {
-                "tokens": int(b_tok),
-                "wall_s": round(b_wall, 3),
-                "tokens_per_s": round(b_tok / b_wall, 2),
-                "batch_slot_use": round(b_tok / slots, 3),
-            }
-        )
-        single.append(
-            {"tokens": int(s_tok), "wall_s": round(s_wall, 3), "tokens_per_s": round(s_tok / s_wall, 2)}
-        )
-    b_tps = median([r["tokens_per_s"] for r in batched])
-    s_tps = median([r["tokens_per_s"] for r in single])
-    ratio = b_tps / s_tps
+    prompts, bs = [r["prompt"] for r in rows], params.evaluate.batch_size
+    arms: dict[str, dict[str, Any]] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and not cpu_has_bf16():
+            continue
+        model = model.to(dtype)
+        arm = compare(model, tokenizer, prompts, gen, end_marker, bs, repeats)
+        arm.update(first_token(model, tokenizer, prompts[:FIRST_TOKEN_QUESTIONS], gen, end_marker))
+        if profile:
+            arm.update(profile_batched(model, tokenizer, prompts, gen, end_marker, bs))
+        arms[name] = arm
     return {
         "bench": "generation",
         "base": base,
         "questions": len(prompts),
-        "batch_size": params.evaluate.batch_size,
+        "batch_size": bs,
         "max_new_tokens": gen.max_new_tokens,
         "repeats": repeats,
-        "batched_tokens_per_s": round(b_tps, 2),
-        "one_by_one_tokens_per_s": round(s_tps, 2),
-        "ratio": round(ratio, 2),
-        "pair_ratios": [
-            round(b["tokens_per_s"] / s["tokens_per_s"], 2) for b, s in zip(batched, single, strict=True)
-        ],
-        "batch_slot_use": batched[0]["batch_slot_use"],  # generated tokens / (rows x decode steps)
         "target_ratio": TARGET_RATIO,
-        "met": ratio >= TARGET_RATIO,
-        "batched_runs": batched,
-        "one_by_one_runs": single,
+        "target_first_token_s": TARGET_FIRST_TOKEN_S,
+        **arms["fp32"],
+        **({"bf16": arms["bf16"]} if "bf16" in arms else {}),
     }
 
 
 def summary(r: dict[str, Any]) -> str:
-    return (
-        f"evaluation generation ({r['questions']} questions, max_new_tokens {r['max_new_tokens']}, greedy): "
-        f"batched {r['batched_tokens_per_s']:.0f} tokens/s vs one call per question "
-        f"{r['one_by_one_tokens_per_s']:.0f} = {r['ratio']:.1f}x (pairs {r['pair_ratios']}; "
-        f"target >= {r['target_ratio']:.0f}x: {'met' if r['met'] else 'MISSED'})"
-    )
+    lines = []
+    for name, a in (("fp32", r), ("bf16", r.get("bf16"))):
+        if a is None:
+            continue
+        lines.append(
+            f"evaluation generation, {name} ({r['questions']} questions, max_new_tokens {r['max_new_tokens']}, "
+            f"greedy): batched {a['batched_tokens_per_s']:.0f} tokens/s vs one call per question "
+            f"{a['one_by_one_tokens_per_s']:.0f} = {a['ratio']:.1f}x (pairs {a['pair_ratios']}; same answers "
+            f"{a['same_answers']:.0%}; target >= {r['target_ratio']:.0f}x: {'met' if a['met'] else 'MISSED'}); "
+            f"chat first token {a['first_token_s'] * 1000:.0f} ms (floor {a['first_token_floor_s'] * 1000:.0f} ms)"
+        )
+        if "profile_top_ops" in a:
+            lines.append("  batched pass (torch.profiler): " + ", ".join(
+                f"{k} {v:.0%}" for k, v in a["profile_top_ops"].items()
+            ))  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=32, help="N test prompts (multiples of 16 fill batches)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
+    ap.add_argument("--profile", action="store_true", help="also profile one batched pass per precision")
     args = ap.parse_args(argv)
-    return measure(run, summary, args.base, args.questions, args.repeats)
+    return measure(run, summary, args.base, args.questions, args.repeats, profile=args.profile)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from tagtune.encoding import IGNORE_INDEX, PadCollator, encode_example
 from tagtune.errors import DataError, TagtuneError
 from tagtune.generation import Answer
 from tagtune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from tagtune.rerank import attach
 from tagtune.retrieval import FactIndex
 from tagtune.templates import read_template, refusal_answer
 from tagtune.text import exact_match, normalize, stable_hash, token_f1, words
@@ -237,7 +238,7 @@ def _grounded(rows: list[dict[str, Any]], index: Any, template: dict, k: int, to
     for i, g in zip(idx, found, strict=True):
         context = [h.fact.text for h in g.hits]
         segments = render_turn(rows[i]["question"], rows[i]["reference"], template, tokenizer, context)
-        out[i] = {**rows[i], "prompt": g.prompt, "segments": segments, "hits": g.hits}
+        out[i] = {**rows[i], "prompt": g.prompt, "segments": segments, "hits": g.hits, "none_fit": g.none_fit}
     return out
 
 
@@ -312,7 +313,11 @@ def _evaluate_causal(
             rec["question"], rec["reference"] = prompts[i][0], prompts[i][1]
         if i in by_row:
             raw = by_row[i]
-            final = replace(raw, text=abstain(raw.text, raw.logprob, threshold, template))
+            # the reranker found no fact that answers it: the refusal, whatever was generated
+            final = replace(
+                raw,
+                text=refusal if r.get("none_fit") else abstain(raw.text, raw.logprob, threshold, template),
+            )
             rec["answer"] = final.text
             rec.update(score_answer(final, r, refusal, cfg.repetition_ngram))
             if threshold is not None:
@@ -677,7 +682,7 @@ def evaluate(
     else:
         val = None
         if training.get("grounded"):
-            facts, k = FactIndex.load(index), training["grounded"]["k"]
+            facts, k = attach(FactIndex.load(index), finetuned), training["grounded"]["k"]
             rows = _grounded(rows, facts, template, k, tok)
             val = _grounded(read_jsonl(splits / "val.jsonl"), facts, template, k, tok)
         table, metrics = _causal_sides(model, tok, rows, template, cfg, training, val)

@@ -1,15 +1,17 @@
 """Answer generation shared by evaluate, the MLflow pyfunc model, `tagtune chat` and the UI.
 
-Batches are left-padded (decoder-only models continue from the right edge), sorted by prompt length
-so little padding is wasted, decoded with the KV cache, and stopped per sequence at the end marker
-(`<END>`) or EOS. The answer is cut at the marker; `stopped=False` means it hit `max_new_tokens`
-(a truncated answer — one of the seeds' failure modes). `stream_answer` yields one answer as it is
-generated (chat, the UI); `classify` predicts labels for a sequence-classification model.
+Batches are left-padded (decoder-only models continue from the right edge), sorted by prompt tokens
+so little padding is wasted, and decoded with the KV cache by one loop (`_decode`) that drops each
+row from the batch as it ends at the end marker (`<END>`) or EOS: a batch costs what its unfinished
+rows cost, not its longest answer times its size. Inputs and logits processing are `generate()`'s,
+so greedy answers are `generate()`'s answers. The answer is cut at the marker; `stopped=False` means
+it hit `max_new_tokens` (a truncated answer — one of the seeds' failure modes). `stream_answer`
+yields one answer as the same loop generates it (chat, the UI); `classify` predicts labels for a
+sequence-classification model.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,107 @@ def cut_answer(text: str, end_marker: str | None, eos_token: str | None) -> tupl
     return text[:cut].strip(), found
 
 
+def _processors(gen: GenerationConfig, pad_lengths: Any) -> Any:
+    """The logits processing `generate()` applies for `gen`, in its order (penalty, then sampling warpers).
+
+    `pad_lengths`: each row's left padding, which the repetition penalty ignores (as `generate` does).
+    """
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen.repetition_penalty != 1.0:
+        procs.append(
+            RepetitionPenaltyLogitsProcessor(gen.repetition_penalty, prompt_ignore_length=pad_lengths)
+        )
+    if gen.do_sample:
+        if gen.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k:
+            procs.append(TopKLogitsWarper(gen.top_k))
+        if gen.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen.top_p))
+    return procs
+
+
+def _next_logits(model: Any, ids: Any, mask: Any, pos: Any, cache: Any) -> Any:
+    """fp32 logits of the next token after each row (the KV cache holds everything before `ids`)."""
+    import torch
+
+    with torch.inference_mode():  # per call, not around the generator: the caller's code runs between steps
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1].float()
+
+
+def _decode(
+    model: Any, tokenizer: Any, rows: list[list[int]], gen: GenerationConfig, end_marker: str | None
+) -> Iterator[list[tuple[int, int, float]]]:
+    """Decode the token lists `rows` as one left-padded batch with the KV cache, one token per row a step.
+
+    A row leaves the batch (and its cache) as soon as it ends — EOS, the end marker in its text, or
+    `max_new_tokens` — so later steps compute only the rows still going: answers end at very
+    different lengths, and a fixed batch would run every row to the longest. Inputs, positions and
+    logits processing are `generate()`'s, so greedy tokens are its tokens.
+
+    Yields:
+        Per step, `(row, token, log p of the token under the processed distribution)` of each live row.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    enc = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
+    seqs, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    pads = (mask == 0).sum(-1)
+    padded = not bool(mask.all())  # unpadded: no mask at all, as generate() does (a faster attention path)
+    live, new = list(range(len(rows))), [[] for _ in rows]
+    procs, cache, ids = _processors(gen, pads), DynamicCache(config=model.config), seqs
+    for _ in range(gen.max_new_tokens):
+        scores = procs(seqs, _next_logits(model, ids, mask if padded else None, pos, cache))
+        nxt = torch.multinomial(scores.softmax(-1), 1)[:, 0] if gen.do_sample else scores.argmax(-1)
+        logp = scores.log_softmax(-1).gather(-1, nxt[:, None])[:, 0]
+        yield [(r, t, lp) for r, t, lp in zip(live, nxt.tolist(), logp.tolist(), strict=True)]
+        for r, t in zip(live, nxt.tolist(), strict=True):
+            new[r].append(t)
+        keep = [j for j, r in enumerate(live) if not _ended(new[r], tokenizer, end_marker)]
+        if not keep:
+            return
+        if len(keep) < len(live):
+            sel = torch.tensor(keep, device=seqs.device)
+            cache.batch_select_indices(sel)
+            seqs, mask, pos, pads, nxt = seqs[sel], mask[sel], pos[sel], pads[sel], nxt[sel]
+            live, procs = [live[j] for j in keep], _processors(gen, pads)
+        ids, pos = nxt[:, None], pos[:, -1:] + 1
+        seqs, mask = torch.cat([seqs, ids], -1), torch.cat([mask, mask.new_ones(len(live), 1)], -1)
+
+
+def _ended(tokens: list[int], tokenizer: Any, end_marker: str | None) -> bool:
+    """The answer so far ends here: its last token is EOS, or its text now holds the end marker."""
+    if tokens[-1] == tokenizer.eos_token_id:
+        return True
+    # the marker spans several tokens ("Ġ<", "END", ">"), so look at text; one short decode per row a step
+    return bool(end_marker) and end_marker in tokenizer.decode(tokens[-len(end_marker) :])
+
+
+def _pad_left(tokenizer: Any) -> None:
+    """Left padding (decoder-only models continue from the right edge), pad = EOS if the model has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -61,50 +164,24 @@ def generate_answers(
 
     if not prompts:
         return []
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    _pad_left(tokenizer)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # by tokens: least left padding
     out: list[Answer | None] = [None] * len(prompts)
-    kw = generation_kwargs(gen)
-    stop = [end_marker] if end_marker else None
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        enc = enc.to(model.device)
-        with torch.inference_mode():
-            gen_out = model.generate(
-                **enc,
-                **kw,
-                stop_strings=stop,
-                tokenizer=tokenizer if stop else None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            # log p of each chosen token under the (processed) distribution it was drawn from
-            token_lp = model.compute_transition_scores(
-                gen_out.sequences, gen_out.scores, normalize_logits=True
-            )
-        new = gen_out.sequences[:, enc["input_ids"].shape[1] :]
-        for j, (row, i) in enumerate(zip(new, idx, strict=True)):
-            ids = row.tolist()
-            # trailing pads (finished early while others went on) are not generated tokens
-            while (
-                ids
-                and ids[-1] == tokenizer.pad_token_id
-                and len(ids) > 1
-                and ids[-2] == tokenizer.pad_token_id
-            ):
-                ids.pop()
-            raw = tokenizer.decode(ids, skip_special_tokens=False)
+        new: list[list[int]] = [[] for _ in idx]
+        logps: list[list[float]] = [[] for _ in idx]
+        for step in _decode(model, tokenizer, [ids[i] for i in idx], gen, end_marker):
+            for r, t, lp in step:
+                new[r].append(t)
+                logps[r].append(lp)
+        for i, toks, lps in zip(idx, new, logps, strict=True):
+            raw = tokenizer.decode(toks, skip_special_tokens=False)
             text, found = cut_answer(raw, end_marker, tokenizer.eos_token)
-            logprob = float(token_lp[j, : len(ids)].float().mean()) if ids else None
-            out[i] = Answer(text=text, new_tokens=len(ids), stopped=found, logprob=logprob)
+            logprob = float(torch.tensor(lps).mean()) if lps else None
+            out[i] = Answer(text=text, new_tokens=len(toks), stopped=found, logprob=logprob)
     return out  # type: ignore[return-value]
 
 
@@ -138,57 +215,27 @@ def _held_back(buf: str, marker: str | None) -> int:
 def stream_answer(
     model: Any, tokenizer: Any, prompt: str, gen: GenerationConfig, end_marker: str | None
 ) -> Iterator[str]:
-    """Yield the answer to `prompt` as it is generated; stops at the end marker, which is never yielded."""
-    import torch
-    from transformers import TextIteratorStreamer
+    """Yield the answer to `prompt` as it is generated; stops at the end marker, which is never yielded.
 
-    tok = tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(
-                    **enc,
-                    **generation_kwargs(gen),
-                    streamer=streamer,
-                    stop_strings=[end_marker] if end_marker else None,
-                    tokenizer=tok if end_marker else None,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-            failed.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    buf, started, exhausted = "", False, False
-    try:
-        for piece in streamer:
-            buf += piece
-            if not started:
-                buf = buf.lstrip()
-            if end_marker and (i := buf.find(end_marker)) != -1:
-                buf = buf[:i].rstrip()
-                break
-            keep = _held_back(buf, end_marker)
-            if len(buf) > keep:
-                started = True
-                yield buf[: len(buf) - keep]
-                buf = buf[len(buf) - keep :]
-        else:
-            exhausted, buf = True, buf.rstrip()
-        if buf:
-            yield buf
-    finally:
-        if not exhausted:  # stopped early (marker, or the caller closed us): let generate() finish
-            for _ in streamer:
-                pass
-        thread.join()
-    if failed:
-        raise failed[0]
+    The same decoding as `generate_answers` (one row), so the pieces join to its answer's text. Each
+    step yields what the new token adds, less a tail that may still become the end marker; closing the
+    iterator stops generation at once.
+    """
+    _pad_left(tokenizer)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens: list[int] = []
+    sent = 0  # chars of the answer already yielded
+    text = ""
+    for ((_, token, _),) in _decode(model, tokenizer, [ids], gen, end_marker):
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        if end_marker and (i := text.find(end_marker)) != -1:
+            text = text[:i]
+            break
+        # hold a possible start of the marker, trailing spaces, and a half-decoded character
+        ready = len(text) - _held_back(text, end_marker) if not text.endswith("\ufffd") else sent
+        if ready > sent:
+            yield text[sent:ready]
+            sent = ready
+    if len(text.rstrip()) > sent:
+        yield text.rstrip()[sent:]

@@ -6,8 +6,10 @@ share of the questions and for every out-of-domain question, without it, answere
 So the model learns to copy from the right fact and to say it does not know when none fits (RAFT,
 Zhang et al. 2024, with the refusal as the target of the no-fact examples).
 
-Inference (evaluate, the pyfunc model, chat, UI): `ground` retrieves, renders the prompt exactly as
-training did, and after generation `cite` names the fact the answer came from (its `source:line`).
+Inference (evaluate, the pyfunc model, chat, UI): `ground` retrieves (reranked by the trained
+cross-encoder of tagtune/rerank.py when the model has one: it also says when no fact answers the
+question, and the answer is then the refusal), renders the prompt exactly as training did, and after
+generation `cite` names the fact the answer came from (its `source:line`).
 `abstain` replaces an answer whose confidence (mean log-probability of its tokens) is below the
 threshold evaluate chose on the val split with the refusal.
 """
@@ -31,16 +33,19 @@ GROUNDED_KINDS = ("qa", "refusal")  # single-turn rows; multi-turn chats and tex
 class Grounded:
     prompt: str
     hits: list[Hit]  # what retrieval put into the prompt, best first
+    none_fit: bool = False  # the index's reranker scored no fact above "none of these": refuse
 
 
 def ground(
     questions: list[str], index: FactIndex, template: dict[str, Any], k: int, tokenizer: Any = None
 ) -> list[Grounded]:
-    """Prompts with the top-`k` facts of `index` for each question."""
+    """Prompts with the top-`k` facts of `index` for each question (and whether its reranker, if it
+    has one, found none that answers it)."""
     out = []
     for question, hits in zip(questions, index.search(questions, k), strict=True):
         context = [h.fact.text for h in hits]
-        out.append(Grounded(render_prompt(question, template, tokenizer, context), hits))
+        none_fit = index.reranker is not None and not (hits and hits[0].score > 0)
+        out.append(Grounded(render_prompt(question, template, tokenizer, context), hits, none_fit))
     return out
 
 
@@ -115,14 +120,15 @@ def reply(
     """Answer `questions` as a registered model does: grounded in `index` when given, abstaining below
     `threshold`, citing the fact each answer came from. Without an index: the plain prompt."""
     if index is None:
-        prompts, hits = [render_prompt(q, template, tokenizer) for q in questions], [[] for _ in questions]
+        found = [Grounded(render_prompt(q, template, tokenizer), []) for q in questions]
     else:
         found = ground(questions, index, template, k, tokenizer)
-        prompts, hits = [g.prompt for g in found], [g.hits for g in found]
-    answers = generate_answers(model, tokenizer, prompts, gen, template.get("end_marker"), batch_size)
+    answers = generate_answers(
+        model, tokenizer, [g.prompt for g in found], gen, template.get("end_marker"), batch_size
+    )
     out = []
-    for a, h in zip(answers, hits, strict=True):
-        text = abstain(a.text, a.logprob, threshold, template)
-        source = cite(text, h)
+    for a, g in zip(answers, found, strict=True):
+        text = refusal_answer(template) if g.none_fit else abstain(a.text, a.logprob, threshold, template)
+        source = cite(text, g.hits)
         out.append(Reply(text, [source.fact.where] if source else [], a))
     return out

@@ -35,7 +35,16 @@ import pandas as pd
 from tagtune.config import GenerationConfig
 from tagtune.generation import classify
 from tagtune.grounding import reply
-from tagtune.models import ADAPTER, BASE_FILE, WEIGHTS_KEY, load_found, verify_version_weights, weights_sha256
+from tagtune.models import (
+    ADAPTER,
+    BASE_FILE,
+    RERANKER_DIR,
+    WEIGHTS_KEY,
+    load_found,
+    verify_version_weights,
+    weights_sha256,
+)
+from tagtune.rerank import attach
 from tagtune.retrieval import FactIndex
 
 MODEL_ARTIFACT = "model"  # pyfunc artifact key (and folder) of a full version's HF model directory
@@ -76,7 +85,7 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
             verify_version_weights(root, expected, f"the registered model's config ({WEIGHTS_KEY})")
         self.model, self.tokenizer = load_found(root, self.task)
         index = context.artifacts.get(INDEX_ARTIFACT)
-        self.index = FactIndex.load(index) if index else None
+        self.index = attach(FactIndex.load(index), root) if index else None
 
     def _generation(self, params: dict[str, Any] | None) -> GenerationConfig:
         stored = {k: v for k, v in self.config.items() if k in GEN_KEYS}
@@ -179,7 +188,7 @@ def log_pyfunc_model(
     config = {
         **gen.model_dump(),
         "batch_size": batch_size,
-        WEIGHTS_KEY: weights_sha256(staged, (MODEL_ARTIFACT, ADAPTER_ARTIFACT)),
+        WEIGHTS_KEY: weights_sha256(staged, (MODEL_ARTIFACT, ADAPTER_ARTIFACT, RERANKER_DIR)),
         **(grounding or {}),
     }
     if (staged / ADAPTER_ARTIFACT).is_dir():
@@ -189,6 +198,8 @@ def log_pyfunc_model(
         }
     else:
         model_files = {MODEL_ARTIFACT: str(staged / MODEL_ARTIFACT)}
+    if (staged / RERANKER_DIR).is_dir():  # a grounded model's reranker (attached to its index on load)
+        model_files[RERANKER_DIR] = str(staged / RERANKER_DIR)
     signature = infer_signature(["question"], ["answer"], params=gen.model_dump())
     with tempfile.TemporaryDirectory(prefix="tagtune-code-") as tmp, warnings.catch_warnings():
         # an input example would make MLflow load the model and generate once more at log time

@@ -257,13 +257,15 @@ def _is_feedback_retrain(mv, champion, new: float, champ_value: float | None, cf
     """Trained on user verdicts the champion never saw, and not worse on the metric.
 
     A correction is a train row (split.train_only), never a test question, so a retrain that learnt
-    it usually *ties* the champion on the test split; requiring a strict win would keep serving the
-    answer the user corrected. The per-example gate still refuses one that breaks answers.
+    it usually *ties* the champion on the test split, give or take noise; requiring a strict win would
+    keep serving the answer the user corrected. Not worse = within `register.feedback_tolerance`; the
+    per-example gate still refuses one that breaks answers.
     """
     if champion is None or champ_value is None or mv.tags.get(TAG_FEEDBACK, "none") == "none":
         return False
     new_verdicts = mv.tags.get(TAG_FEEDBACK) != champion.tags.get(TAG_FEEDBACK, "none")
-    return new_verdicts and (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0) >= 0
+    gain = (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0)
+    return new_verdicts and gain >= -cfg.feedback_tolerance - 1e-12
 
 
 def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: RegisterConfig) -> bool:
@@ -369,7 +371,8 @@ def _gate(
         promote, reason = (
             True,
             f"trained on user feedback champion v{champion.version} never saw; {key}="
-            f"{float(metrics[key]):.4g} is not worse than {champ_value:.4g}",
+            f"{float(metrics[key]):.4g} is within register.feedback_tolerance={cfg.feedback_tolerance:g} of "
+            f"{champ_value:.4g}",
         )
     if base_value is None:
         reason += " (no base-model metric: evaluate.compare_base is off)"

@@ -124,6 +124,9 @@ class FactIndex:
             raise DataError("retrieval", None, "no facts to index (the data has no question/answer rows)")
         self.facts = facts
         self.bm25 = self._build(facts, include_questions) if bm25 is None else bm25
+        # tagtune.rerank.attach sets it: `search` then reorders BM25's candidates with a trained
+        # cross-encoder, whose scores say whether a fact answers the question (> 0) or not
+        self.reranker: Any = None
 
     @staticmethod
     def _build(facts: list[Fact], include_questions: bool) -> Any:
@@ -135,7 +138,14 @@ class FactIndex:
         return bm25
 
     def search(self, questions: list[str], k: int) -> list[list[Hit]]:
-        """Top-`k` facts for each question, best first (fewer when the index is smaller)."""
+        """Top-`k` facts for each question, best first (fewer when the index is smaller); with a
+        reranker, the top `k` of BM25's `reranker.candidates` by the reranker's score."""
+        if self.reranker is None:
+            return self._bm25_search(questions, k)
+        candidates = self._bm25_search(questions, max(k, self.reranker.candidates))
+        return self.reranker.rerank(questions, candidates, k) if questions else []
+
+    def _bm25_search(self, questions: list[str], k: int) -> list[list[Hit]]:
         if not questions:
             return []
         k = min(k, len(self.facts))

@@ -22,18 +22,44 @@ def _well_formed(r: dict, name: str, positive: tuple[str, ...]) -> None:
         assert isinstance(r[key], int | float) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
 
 
-def test_finetune_throughput_runs_both_arms(tiny_llama):
-    r = finetune_throughput.run(str(tiny_llama), steps=1, repeats=1, seed_max_length=64)
-    _well_formed(r, "finetune_throughput", ("seed_tokens_per_s", "tagtune_tokens_per_s", "ratio"))
-    assert r["seed_runs"][0]["steps"] == r["tagtune_runs"][0]["steps"] == 1
+def test_finetune_throughput_runs_every_arm(tiny_llama):
+    r = finetune_throughput.run(str(tiny_llama), steps=1, repeats=1, seed_max_length=64, packed_batch=2)
+    positive = ("seed_tokens_per_s", "tagtune_tokens_per_s", "ratio", "packed_tokens_per_s", "packed_ratio")
+    _well_formed(r, "finetune_throughput", positive)
+    assert isinstance(r["met_packed"], bool)
+    assert r["seed_runs"][0]["steps"] == r["tagtune_runs"][0]["steps"] == r["packed_runs"][0]["steps"] == 1
     assert r["seed_runs"][0]["padded_tokens"] >= r["seed_runs"][0]["tokens_seen"]
+    assert r["packed_runs"][0]["train_rows"] < r["tagtune_runs"][0]["train_rows"]  # examples share rows
 
 
-def test_mfu_of_a_full_finetune(tiny_llama):
+def test_mfu_of_a_full_and_a_lora_finetune(tiny_llama):
     r = mfu.run(str(tiny_llama), steps=2, logging_steps=1, peak_repeats=1, peak_sizes=(128,), profile=True)
-    _well_formed(r, "mfu", ("tokens_per_s", "flops_per_token", "achieved_gflops", "peak_gflops_after", "mfu"))
-    assert r["method"] == "full" and r["n_matmul_params"] > 0
-    assert r["profile_shares"]["matmul"] > 0 and 0.99 < sum(r["profile_shares"].values()) < 1.01
+    assert r["bench"] == "mfu" and isinstance(r["met"], bool) and set(r["methods"]) == {"full", "lora"}
+    for m in r["methods"].values():
+        _well_formed(
+            {"bench": "mfu", **m}, "mfu", ("tokens_per_s", "flops_per_token", "achieved_gflops", "mfu")
+        )
+        assert m["profile_shares"]["matmul"] > 0 and 0.99 < sum(m["profile_shares"].values()) < 1.01
+    full, lora = r["methods"]["full"], r["methods"]["lora"]
+    assert full["precision"] == "fp32" and full["n_adapter_params"] == 0 < lora["n_adapter_params"]
+    assert full["n_matmul_params"] == lora["n_matmul_params"] > full["n_lm_head_params"] > 0
+    assert 0 < full["lm_head_share_of_positions"] < 1  # prompt positions run no LM head
+
+
+def test_step_flops_count_what_a_lora_step_runs(tiny_llama):
+    """4 FLOPs per frozen weight (forward + input gradient), 6 per adapter weight, LM head only where
+    the next token is trained, attention over each example's own tokens."""
+    from tagtune.config import FinetuneConfig
+
+    feats = [{"length": 4, "labels": [-100, -100, 7, 8]}, {"length": 2, "labels": [-100, 9]}]
+    full = mfu.step_flops(str(tiny_llama), feats, FinetuneConfig(method="full"))
+    lora = mfu.step_flops(str(tiny_llama), feats, FinetuneConfig(method="lora"))
+    body, head = full["n_matmul_params"] - full["n_lm_head_params"], full["n_lm_head_params"]
+    attention = 12 * full["layers"] * full["attn_dim"] * (16 + 4) / 6
+    assert full["lm_head_share_of_positions"] == pytest.approx(3 / 6, abs=1e-3)
+    assert full["flops_per_token"] == pytest.approx(6 * body + 6 * head * 0.5 + attention)
+    adapters = lora["n_adapter_params"]
+    assert lora["flops_per_token"] == pytest.approx(4 * body + 4 * head * 0.5 + 6 * adapters + attention)
 
 
 def test_generation_batched_vs_one_by_one(tiny_llama):
@@ -86,11 +112,32 @@ def test_readme_table_has_a_row_per_target_and_the_machine():
         "generation": {"bench": "generation", "error": "exit 1"},
         "mfu": {
             "bench": "mfu",
+            "device": "cpu",
             "met": False,
-            "mfu": 0.3,
-            "profile_shares": {"matmul": 0.6, "attention": 0.4},
+            "methods": {"full": _mfu(0.7), "lora": _mfu(0.3)},
+        },
+        "finetune_throughput": {
+            **{"bench": "finetune_throughput", "ratio": 25.0, "met": True, "packed_ratio": 26.0},
+            **{"met_packed": False, "packed_target_ratio": 30.0, "packed_vs_shipped": 1.04},
         },
     }
     md = run.table(results, machine_info())
     assert "| Peak RSS" in md and "2.93 GiB" in md and "failed: exit 1" in md and "cores" in md
-    assert "| Full fine-tune MFU" in md and "**missed**" in md and "MFU missed: step time" in md
+    assert "| Full fine-tune MFU" in md and "| LoRA fine-tune" in md and "**missed**" in md
+    assert "Lora fine-tune MFU missed: step time" in md and "aten::mm 60%" in md
+    assert "| Fine-tune throughput with `finetune.packing: true`" in md and "≥ 30×" in md
+    assert "Packed fine-tune throughput missed" in md
+
+
+def _mfu(mfu: float) -> dict:
+    """A bench.mfu method result as the README table reads it."""
+    return {
+        **{"method": "lora" if mfu < 0.5 else "full", "precision": "bf16", "mfu": mfu, "met": mfu > 0.5},
+        **{"achieved_gflops": 300.0, "tokens_per_s": 600.0, "peak_gflops_before": 1000.0},
+        **{
+            "peak_gflops_after": 990.0,
+            "target_mfu": 0.6,
+            "profile_shares": {"matmul": 0.6, "attention": 0.4},
+        },
+        "profile_top_ops": {"aten::mm": 0.6},
+    }

@@ -16,7 +16,15 @@ from tinydata import cls_rows, make_splits, qa_rows
 
 from stages.finetune import finetune
 from tagtune.config import FinetuneConfig, FormatConfig, ModelConfig, RefusalConfig, TagsConfig
-from tagtune.encoding import IGNORE_INDEX, PadCollator, build_lm_features, encode_example
+from tagtune.encoding import (
+    IGNORE_INDEX,
+    PackCollator,
+    PadCollator,
+    TrainedLogitsOnly,
+    build_lm_features,
+    encode_example,
+    pack_rows,
+)
 from tagtune.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,31 +63,119 @@ def test_truncation_that_removes_every_answer_token_drops_the_example(tiny_llama
     assert feats == [] and counts == {"truncated": 0, "dropped": 1}
 
 
+EXAMPLES = [
+    [["Where is the harbour? <QUESTION>\n", False], ["East of the old bridge. <END>", True]],
+    [["Open? <QUESTION>\n", False], ["9 am. <END>", True]],
+    [["What time does the museum open on Sundays? <QUESTION>\n", False], ["Noon. <END>", True]],
+    [["Harbour? <QUESTION>\n", False], ["East. <END>", True]],
+]
+
+
+def _per_example_losses(model, feats: list[dict]) -> list[tuple[float, int]]:
+    """(mean loss, tokens that carry loss) of each example run alone, unpadded."""
+    out = []
+    with torch.no_grad():
+        for f in feats:
+            ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+            k = int((labels[0, 1:] != IGNORE_INDEX).sum())  # shifted: tokens that carry loss
+            out.append((model(input_ids=ids, labels=labels).loss.item(), k))
+    return out
+
+
+def _weighted(losses: list[tuple[float, int]]) -> float:
+    return sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
+
+
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_padded_batch_loss_equals_per_example_loss(arch, request):
-    """Dynamic padding must not change the loss: batch loss == token-weighted unpadded losses."""
+    """Dynamic padding must not change the loss: batch loss == token-weighted unpadded losses, also
+    when the LM head runs on trained positions only (TrainedLogitsOnly, what finetune uses)."""
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(arch)
     tok = load_tokenizer(str(path))
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    examples = [
-        [["Where is the harbour? <QUESTION>\n", False], ["East of the old bridge. <END>", True]],
-        [["Open? <QUESTION>\n", False], ["9 am. <END>", True]],
-        [["What time does the museum open on Sundays? <QUESTION>\n", False], ["Noon. <END>", True]],
-    ]
-    feats = [encode_example(s, tok, 128) for s in examples]
+    feats = [encode_example(s, tok, 128) for s in EXAMPLES]
     batch = PadCollator(tok.pad_token_id)(feats)
     assert batch["input_ids"].shape[1] == max(len(f["input_ids"]) for f in feats)
+    trained_only = TrainedLogitsOnly(PadCollator(tok.pad_token_id))(feats)
+    expected = _weighted(_per_example_losses(model, feats))
     with torch.no_grad():
-        padded = model(**batch).loss
-        total, n = 0.0, 0
-        for f in feats:
-            ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
-            k = int((labels[0, 1:] != IGNORE_INDEX).sum())  # shifted: tokens that carry loss
-            total += model(input_ids=ids, labels=labels).loss.item() * k
-            n += k
-    assert padded.item() == pytest.approx(total / n, rel=1e-5)
+        assert model(**batch).loss.item() == pytest.approx(expected, rel=1e-5)
+        out = model(**trained_only)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.logits.shape[0] == sum(k for _, k in _per_example_losses(model, feats))  # no prompt logits
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_packed_rows_give_each_example_its_unpacked_loss(arch, request):
+    """Packed examples are invisible to each other: every example's loss inside a packed row equals
+    its loss run alone, and the batch loss equals the token-weighted mean. The same row without the
+    4D mask (a plain 2D mask, position_ids still restarting) changes the later examples' logits: the
+    model really uses the mask."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    feats = [{**encode_example(s, tok, 128), "origin": f"ex:{i}"} for i, s in enumerate(EXAMPLES)]
+    for f in feats:
+        f["length"] = len(f["input_ids"])
+    rows = pack_rows(feats, max_length=40)
+    assert len(rows) < len(feats) and all(r["length"] <= 40 for r in rows)
+    assert sorted(e["origin"] for r in rows for e in r["examples"]) == [f["origin"] for f in feats]
+    batch = PackCollator(tok.pad_token_id)(rows)
+    two_d = batch["attention_mask"].diagonal(dim1=-2, dim2=-1)[:, 0]
+    with torch.no_grad():
+        out = model(**batch)
+        leaky = _by_example(model(**{**batch, "attention_mask": two_d}).logits, rows)
+        alone = {f["origin"]: model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in feats}
+    assert out.loss.item() == pytest.approx(_weighted(_per_example_losses(model, feats)), rel=1e-5)
+    packed = _by_example(out.logits, rows)
+    for f, (loss, _) in zip(feats, _per_example_losses(model, feats), strict=True):
+        logits, labels = packed[f["origin"]], torch.tensor(f["labels"])
+        assert F.cross_entropy(logits[:-1], labels[1:]).item() == pytest.approx(loss, rel=1e-5)
+    later = [e["origin"] for r in rows for e in r["examples"][1:]]  # the first of a row sees nothing before
+    assert later and all(torch.allclose(packed[o], alone[o], atol=1e-5) for o in later)
+    assert not any(torch.allclose(leaky[o], alone[o], atol=1e-4) for o in later)
+    trained_only = TrainedLogitsOnly(PackCollator(tok.pad_token_id))(rows)
+    with torch.no_grad():
+        assert model(**trained_only).loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def _by_example(logits, rows) -> dict[str, torch.Tensor]:
+    """Each packed example's logits, cut from its row by its span."""
+    spans = {}
+    for i, row in enumerate(rows):
+        at = 0
+        for ex in row["examples"]:
+            spans[ex["origin"]] = logits[i, at : at + ex["length"]]
+            at += ex["length"]
+    return spans
+
+
+def test_packing_never_predicts_an_example_from_the_previous_one(tiny_llama):
+    """Each example's first label is masked in its row, so the count of loss-carrying tokens (what
+    Trainer divides by: num_items_in_batch) is the unpacked count; pads attend to nothing."""
+    tok = load_tokenizer(str(tiny_llama))
+    feats = [encode_example(s, tok, 128) for s in EXAMPLES]
+    for i, f in enumerate(feats):
+        f.update(length=len(f["input_ids"]), origin=f"ex:{i}")
+    rows = pack_rows(feats, max_length=64)
+    batch = PackCollator(tok.pad_token_id)(rows)
+    unpacked = PadCollator(tok.pad_token_id)(feats)
+    count = lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum())  # noqa: E731
+    assert count(batch) == count(unpacked)
+    for i, row in enumerate(rows):
+        starts = torch.tensor([0, *[e["length"] for e in row["examples"]]]).cumsum(0)[:-1]
+        assert (batch["labels"][i, starts] == IGNORE_INDEX).all()
+        assert (batch["position_ids"][i, starts] == 0).all()
+    real = batch["attention_mask"].diagonal(dim1=-2, dim2=-1).sum()
+    assert real == sum(f["length"] for f in feats)  # what finetune counts as tokens seen
+    for i, row in enumerate(rows):  # a pad attends to nothing and nothing attends to it
+        mask = batch["attention_mask"][i, 0]
+        assert not mask[row["length"] :].any() and not mask[:, row["length"] :].any()
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -258,6 +354,62 @@ def test_unchanged_rerun_resumes_at_the_end_and_trains_zero_steps(tmp_path, tiny
     assert again["resumed_from_step"] == 6 and again["train_loss"] > 0
     after = _weights(tmp_path / "out" / "model")
     assert all(torch.equal(model[k], after[k]) for k in model)  # no extra step was taken
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_packed_finetune_trains_counts_real_tokens_and_resumes(tmp_path, arch, request):
+    """finetune.packing: each epoch sees every real token once (counted from the mask's diagonal, not
+    its cells), every example passes the label audit, and a run cut before its last checkpoint
+    resumes from the one before and trains on to the same step."""
+    from tagtune.io import read_jsonl
+
+    base = request.getfixturevalue(arch)
+    kw = dict(packing=True, max_length=64, batch_size=2, max_steps=0, epochs=2, save_steps=2)
+    facts = _run(tmp_path, base, **kw)
+    rows = read_jsonl(tmp_path / "data" / "splits" / "train.jsonl")
+    feats, _ = build_lm_features(rows, load_tokenizer(str(base)), 64)
+    assert facts["train_examples"] == len(feats) > facts["train_rows"]
+    assert facts["tokens_seen"] == 2 * sum(f["length"] for f in feats)  # real tokens, two epochs
+    steps = facts["steps"]
+    assert steps == 2 * -(-facts["train_rows"] // 2) and facts["train_loss"] > 0
+    assert f"{len(feats)} train examples checked" in (tmp_path / "out" / "label_audit.md").read_text()
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "ckpt" / f"checkpoint-{steps}")  # as if killed before the last save
+    again = _run(tmp_path, base, **kw)
+    assert again["resumed_from_step"] == steps - 2 and again["steps"] == steps
+    resumed = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    before = load_file(str(tmp_path / "ckpt" / f"checkpoint-{steps - 2}" / "adapter_model.safetensors"))
+    assert any(not torch.equal(resumed[k], before[k]) for k in before)  # it trained on from there
+
+
+def test_packing_is_for_causal_lm_only():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="packing: true is for task causal_lm"):
+        FinetuneConfig(packing=True, task="classification")
+
+
+def test_cpu_training_runs_under_the_math_attention_kernel():
+    """attention_kernel: auto picks SDPA's math kernel on CPU for padded batches (measured faster than
+    its flash kernel on short rows), not for packed rows; `default` leaves PyTorch's choice alone."""
+    from stages.finetune import _attention_kernel
+
+    if torch.cuda.is_available():
+        pytest.skip("auto keeps PyTorch's kernel choice on GPUs")
+    with _attention_kernel(FinetuneConfig()):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    for cfg in (FinetuneConfig(attention_kernel="default"), FinetuneConfig(packing=True)):
+        with _attention_kernel(cfg):
+            assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_compiled_blocks_train_to_the_same_loss(tmp_path, tiny_llama):
+    """finetune.compile: torch.compile per transformer block changes speed, not the numbers."""
+    eager = _run(tmp_path / "eager", tiny_llama, max_steps=2)
+    compiled = _run(tmp_path / "compiled", tiny_llama, max_steps=2, compile=True)
+    assert compiled["steps"] == 2 and compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -43,6 +43,9 @@ def _with_news(root: Path) -> None:
 def test_a_new_fact_is_indexed_by_dvc_repro_without_retraining(tmp_path, tiny_llama):
     root = make_workspace(tmp_path / "ws", tiny_llama)
     _with_news(root)
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["retrieval"]["rerank"] = {"steps": 4, "candidates": 4}  # a (tiny) trained reranker on the way too
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     first = _ran(_dvc(root, "repro"))
     assert first == ["feedback", "ingest", "format", "split", "index", "finetune", "evaluate", "register"]
     with open(root / "data" / "raw" / "news.csv", "a", encoding="utf-8") as f:
@@ -55,6 +58,19 @@ def test_a_new_fact_is_indexed_by_dvc_repro_without_retraining(tmp_path, tiny_ll
 
     hit = FactIndex.load(root / "data" / "index").search([NEW_FACT[0]], 1)[0][0]
     assert hit.fact.text == NEW_FACT[1] and hit.fact.where == "data/raw/news.csv:3"
+    # the registered version ships the reranker beside its index; pulled, it reranks the new fact too
+    from flowrepo import tagtune
+
+    pulled = tmp_path / "pulled"  # @champion: the same weights with the new facts (a knowledge refresh)
+    r = tagtune(root, "pull", "--dest", str(pulled))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (pulled / "artifacts" / "reranker" / "reranker.json").is_file()
+    from tagtune.rerank import attach
+
+    index = attach(FactIndex.load(pulled / "artifacts" / "index"), pulled / "artifacts")
+    assert index.reranker is not None and NEW_FACT[1] in [
+        h.fact.text for h in index.search([NEW_FACT[0]], 4)[0]
+    ]
     assert _ran(_dvc(root, "repro")) == ["feedback"]  # the snapshot always runs; nothing else
 
 

@@ -143,6 +143,10 @@ def test_no_verdicts_skip_the_phase_and_a_rerun_resumes_without_new_steps(tmp_pa
     assert first["preference"]["resumed_from_step"] == 0 and again["preference"]["resumed_from_step"] == 6
     after = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(adapter[k], after[k]) for k in adapter)
+    # other rows (KTO's): the phase's checkpoints (and the model card TRL writes there) are replaced
+    kto = PreferenceConfig(method="kto", steps=4, learning_rate=5e-3)
+    other = finetune(splits, tmp_path / "out", sft, *args[:-1], kto, tmp_path / "feedback.jsonl")
+    assert other["preference"]["steps"] == 4 and other["preference"]["resumed_from_step"] == 0
 
 
 def test_kto_with_a_single_row_trains_nothing(tmp_path, tiny_llama):

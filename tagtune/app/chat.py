@@ -22,6 +22,7 @@ from tagtune.grounding import Reply, reply
 from tagtune.io import read_json
 from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir, version_config
 from tagtune.registry import INFO_FILE, pull, resolve_version
+from tagtune.rerank import attach
 from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
 
@@ -41,7 +42,7 @@ def _grounding_of(root: Path) -> tuple[FactIndex | None, dict]:
     index_dir = root / "index"  # <pulled>/artifacts/index, beside the model
     if not (index_dir / FACTS_FILE).is_file():
         return None, {}
-    return FactIndex.load(index_dir), version_config(root.parent)
+    return attach(FactIndex.load(index_dir), root), version_config(root.parent)
 
 
 class Chatbot:
@@ -86,7 +87,7 @@ class Chatbot:
         info["source"] = str(root)
         facts, grounding = _grounding_of(root)
         if facts is None and index is not None and training.get("grounded"):
-            facts = FactIndex.load(index)
+            facts = attach(FactIndex.load(index), root)
             grounding = {"retrieval_k": training["grounded"]["k"], "abstain_threshold": threshold}
         model, tok = load_found(root)
         return cls(model, tok, read_json(template_path), info, facts, grounding)

@@ -1,0 +1,82 @@
+"""The trained reranker (tagtune/rerank.py): its training lists, training on a tiny model, the round
+trip through finetune's output, and "none of these fits" turning into the refusal."""
+
+from __future__ import annotations
+
+import json
+
+from tinydata import make_splits, qa_rows
+
+from stages.finetune import finetune
+from tagtune.config import FinetuneConfig, ModelConfig, RerankConfig, RetrievalConfig
+from tagtune.grounding import ground, reply
+from tagtune.io import read_jsonl
+from tagtune.models import load_finetuned, load_model, load_tokenizer
+from tagtune.rerank import attach, train_reranker, training_lists
+from tagtune.retrieval import FactIndex, facts_from_examples
+from tagtune.templates import read_template, refusal_answer
+
+SFT = dict(max_steps=4, batch_size=4, save_steps=100, logging_steps=2, learning_rate=5e-3, precision="fp32")
+
+
+def test_training_lists_hold_the_gold_or_point_at_none(tmp_path):
+    train = read_jsonl(make_splits(tmp_path / "d", rows=qa_rows(n_facts=8)) / "train.jsonl")
+    index = FactIndex(facts_from_examples(train))
+    lists = training_lists(train, index, candidates=4, gold_absent=0.25, seed=0)
+    by_q = {ex["question"]: ex for ex in train}
+    kinds = {"gold": 0, "absent": 0, "ood": 0}
+    for question, facts, target in lists:
+        ex = by_q[question]
+        assert len(facts) <= 4 and len(set(facts)) == len(facts)
+        if ex["kind"] == "refusal":
+            assert target == 0 and ex["reference"] not in facts
+            kinds["ood"] += 1
+        elif target:
+            assert facts[target - 1] == ex["reference"]
+            kinds["gold"] += 1
+        else:
+            assert ex["reference"] not in facts  # trained without its fact: "none of these"
+            kinds["absent"] += 1
+    assert all(kinds.values()), kinds
+    assert training_lists(train, index, 4, 0.25, 0) == lists  # seeded
+
+
+def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path, tiny_llama):
+    splits = make_splits(tmp_path / "d", rows=qa_rows(n_facts=6))
+    train = read_jsonl(splits / "train.jsonl")
+    cfg = RerankConfig(steps=60, candidates=4, batch_questions=4, learning_rate=1e-2)
+    base, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
+    reranker, facts = train_reranker(train, base, tok, cfg, gold_absent=0.2, seed=0)
+    assert facts["loss_last"] < facts["loss_first"], facts
+
+    # grounded finetune writes it beside the model (hashed with the weights) and every consumer attaches it
+    grounded = RetrievalConfig(enabled=True, k=2, rerank=cfg)
+    out = tmp_path / "out"
+    training = finetune(splits, out, FinetuneConfig(**SFT, max_length=160), ModelConfig(base=str(tiny_llama)),
+                        tmp_path / "ckpt", None, grounded)  # fmt: skip
+    assert training["reranker"]["steps"] == 60 and (out / "reranker" / "reranker.json").is_file()
+    assert any(k.startswith("reranker/") for k in training["weights_sha256"])
+    index = attach(FactIndex(facts_from_examples(train)), out)
+    assert index.reranker is not None and index.reranker.candidates == 4
+    questions = [ex["question"] for ex in train if ex["kind"] == "qa"]
+    hits = index.search(questions, 2)
+    assert all(len(h) == 2 and h[0].score >= h[1].score for h in hits)  # reranked: its scores, best first
+    meta = json.loads((out / "reranker" / "reranker.json").read_text())
+    assert meta["base"]["weights_sha256"] and meta["candidates"] == 4
+
+    # no fact scored above the null option: the answer is the refusal, whatever the model generates
+    template = read_template(out)
+    model, mtok = load_finetuned(out)
+    found = ground(questions, index, template, 2, mtok)
+    replies = reply(model, mtok, template, questions, _greedy(), 8, index, 2)
+    for g, r in zip(found, replies, strict=True):
+        assert g.none_fit == (g.hits[0].score <= 0)
+        if g.none_fit:
+            assert r.text == refusal_answer(template) and r.sources == []
+    assert attach(FactIndex(facts_from_examples(train)), tmp_path).reranker is None  # none there: BM25
+
+
+def _greedy():
+    from tagtune.config import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=8)
