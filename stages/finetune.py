@@ -445,7 +445,7 @@ def prefer(
     before = margins(model, tokenizer, rows.dpo, cfg.max_length)
     ckpt_dir = checkpoints / PREFERENCE_CKPT
     fp = stable_hash(fingerprint, pcfg.model_dump_json(), json.dumps(train_rows, sort_keys=True))[:16]
-    resume = resume_point(ckpt_dir, fp, manage=int(os.environ.get("RANK", "0")) == 0)
+    resume, resumed_step, _ = _resumed(ckpt_dir, fp, pcfg.steps)
     log_rows: list[dict] = []  # divergence checks and checkpoint markers as in SFT (_callbacks)
     trainer = trl_trainer(
         pcfg.method, model, tokenizer, rows, _preference_args(cfg, pcfg, ckpt_dir, precision),
@@ -459,7 +459,7 @@ def prefer(
     return {
         **facts,
         "steps": trainer.state.global_step,
-        "resumed_from_step": int(_CKPT.match(resume.name).group(1)) if resume else 0,
+        "resumed_from_step": resumed_step,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "loss": history[-1]["loss"] if history else None,
         "margin_before": mean(before),  # mean log P(chosen) - log P(rejected) over the pairs
@@ -897,11 +897,12 @@ def _restored_rows(resume: Path | None) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _resumed(checkpoints: Path, fingerprint: str, cfg: FinetuneConfig) -> tuple[Path | None, int, bool]:
-    """(the checkpoint to resume from, its step, whether it already is the last step)."""
+def _resumed(checkpoints: Path, fingerprint: str, max_steps: int) -> tuple[Path | None, int, bool]:
+    """(the checkpoint to resume from, its step, whether it already is the last of `max_steps`);
+    SFT's and the preference phase's."""
     resume = resume_point(checkpoints, fingerprint, manage=int(os.environ.get("RANK", "0")) == 0)
     step = int(_CKPT.match(resume.name).group(1)) if resume else 0
-    return resume, step, bool(resume and cfg.max_steps and step >= cfg.max_steps)
+    return resume, step, bool(resume and max_steps and step >= max_steps)
 
 
 def _tracker(mlflow_cfg: MlflowConfig | None, run_id: str | None, resume: Path | None):
@@ -1165,7 +1166,7 @@ def finetune(
     precision = resolve_precision(cfg.precision, cfg.method)
 
     data_digest, fingerprint = _fingerprint(splits, cfg, model_cfg, grounded, start)
-    resume, resumed_step, finished = _resumed(checkpoints, fingerprint, cfg)
+    resume, resumed_step, finished = _resumed(checkpoints, fingerprint, cfg.max_steps)
     weights = resume if finished else _start_weights(start, cfg)
     model = _build_model(base_dir, cfg, model_cfg, tokenizer, new_tokens, data.labels, precision, weights)
     run_id = _open_run(mlflow_cfg, fingerprint, data_digest, cfg, model_cfg, data, precision, splits)

@@ -111,15 +111,19 @@ def lineage_tags(training: dict[str, Any], repo_root: Path = Path(".")) -> dict[
 
 
 # --------------------------------------------------------------------------------------------- gate
+def _gain(new: float, ref: float, cfg: RegisterConfig) -> float:
+    """How much better `new` is than `ref` on the gate metric (negative: worse), in its direction."""
+    return (new - ref) * (1.0 if cfg.greater_is_better else -1.0)
+
+
 def decide(new: float, champion: float | None, base: float | None, cfg: RegisterConfig) -> tuple[bool, str]:
     """(promote, reason): promote only if `new` beats champion and base by more than min_delta."""
-    sign = 1.0 if cfg.greater_is_better else -1.0
     word = "higher" if cfg.greater_is_better else "lower"
     m = f"tuned.{cfg.metric}"
     for label, ref in (("the base model", base), ("the current champion", champion)):
         if ref is None:
             continue
-        gain = (new - ref) * sign
+        gain = _gain(new, ref, cfg)
         if not gain > cfg.min_delta:
             return False, (
                 f"{m}={new:.4g} does not beat {label} ({ref:.4g}) by more than min_delta="
@@ -264,8 +268,7 @@ def _is_feedback_retrain(mv, champion, new: float, champ_value: float | None, cf
     if champion is None or champ_value is None or mv.tags.get(TAG_FEEDBACK, "none") == "none":
         return False
     new_verdicts = mv.tags.get(TAG_FEEDBACK) != champion.tags.get(TAG_FEEDBACK, "none")
-    gain = (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0)
-    return new_verdicts and gain >= -cfg.feedback_tolerance - 1e-12
+    return new_verdicts and _gain(new, champ_value, cfg) >= -cfg.feedback_tolerance - 1e-12
 
 
 def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: RegisterConfig) -> bool:
@@ -274,7 +277,7 @@ def _is_refresh(mv, champion, new: float, champ_value: float | None, cfg: Regist
         return False
     same_weights = mv.tags.get(TAG_FINGERPRINT) == champion.tags.get(TAG_FINGERPRINT)
     new_facts = mv.tags.get(TAG_INDEX, "none") != champion.tags.get(TAG_INDEX, "none")
-    not_worse = (new - champ_value) * (1.0 if cfg.greater_is_better else -1.0) >= 0
+    not_worse = _gain(new, champ_value, cfg) >= 0
     return same_weights and new_facts and not_worse
 
 
