@@ -82,8 +82,8 @@ def pack_rows(feats: list[dict[str, Any]], max_length: int) -> list[dict[str, An
 
     A row concatenates its examples' input_ids and labels, with each example's first label set to
     IGNORE_INDEX: the loss shift would otherwise train the previous example's last token to predict
-    it, which an unpacked example never does. `examples` keeps what each one was (origin, truncated,
-    length); `PackCollator` turns `lengths` into the mask that keeps examples apart.
+    it, which an unpacked example never does. A row's `examples` keep what each one was (origin,
+    truncated, length): `PackCollator` builds the mask that keeps them apart from their lengths.
     """
     import bisect
 
