@@ -195,7 +195,7 @@ def table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
     rows.append("")
     rows.append(
         f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads"
-        f"{', AVX512-BF16/AMX' if m.get('cpu_bf16') else ''}{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
+        f"{', AVX512-BF16' if m.get('cpu_bf16') else ''}{', AMX' if m.get('cpu_amx') else ''}{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
         f"1-min load average at the start: {m.get('load_avg_1m')}."
     )

@@ -127,12 +127,15 @@ def choose_threshold(scored: list[dict[str, Any]], max_wrong: float) -> float | 
     if wrong <= max_wrong * len(gen):
         return None
     # raise the threshold past one answered answer at a time, least confident first
-    answered = sorted((r for r in gen if not r["refused"]), key=lambda r: r["logprob"])
+    answered = sorted(
+        (r for r in gen if not r["refused"] and r.get("confidence") is not None),
+        key=lambda r: r["confidence"],
+    )
     for r in answered:
         wrong -= is_confident_wrong(r)
         if wrong <= max_wrong * len(gen):
             break
-    return math.nextafter(r["logprob"], math.inf)
+    return math.nextafter(r["confidence"], math.inf)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -238,7 +241,7 @@ def _grounded(rows: list[dict[str, Any]], index: Any, template: dict, k: int, to
     for i, g in zip(idx, found, strict=True):
         context = [h.fact.text for h in g.hits]
         segments = render_turn(rows[i]["question"], rows[i]["reference"], template, tokenizer, context)
-        out[i] = {**rows[i], "prompt": g.prompt, "segments": segments, "hits": g.hits, "none_fit": g.none_fit}
+        out[i] = {**rows[i], "prompt": g.prompt, "segments": segments, "hits": g.hits, "reranked": g.reranked}
     return out
 
 
@@ -279,7 +282,7 @@ def _evaluate_causal(
     from dataclasses import replace
 
     from tagtune.generation import generate_answers
-    from tagtune.grounding import abstain, cite
+    from tagtune.grounding import abstain, cite, confidence
 
     losses = answer_losses(model, tokenizer, rows, max_length, cfg.batch_size)
     prompts = _prompts(rows)
@@ -313,13 +316,11 @@ def _evaluate_causal(
             rec["question"], rec["reference"] = prompts[i][0], prompts[i][1]
         if i in by_row:
             raw = by_row[i]
-            # the reranker found no fact that answers it: the refusal, whatever was generated
-            final = replace(
-                raw,
-                text=refusal if r.get("none_fit") else abstain(raw.text, raw.logprob, threshold, template),
-            )
+            conf = confidence(raw.logprob, r.get("hits", []), r.get("reranked", False))
+            final = replace(raw, text=abstain(raw.text, conf, threshold, template))
             rec["answer"] = final.text
             rec.update(score_answer(final, r, refusal, cfg.repetition_ngram))
+            rec["confidence"] = conf  # unrounded: the threshold chosen from it is compared with it
             if threshold is not None:
                 rec["raw"] = {"answer": raw.text, **score_answer(raw, r, refusal, cfg.repetition_ngram)}
             source = cite(final.text, r.get("hits", []))
@@ -454,13 +455,13 @@ def coverage_curve(table: list[dict[str, Any]]) -> list[tuple[float, float, floa
     accuracy = share of the answered that are right (in-domain F1 ≥ 0.5; any answer out of domain is
     wrong).
     """
-    rows = [{**r, **r.get("raw", {})} for r in table if r["side"] == "tuned" and r.get("logprob") is not None]
-    rows = [r for r in rows if r["kind"] in (*IN_DOMAIN, "refusal")]
-    answered = sorted((r for r in rows if not r["refused"]), key=lambda r: -r["logprob"])
+    tuned = [{**r, **r.get("raw", {})} for r in table if r["side"] == "tuned"]
+    rows = [r for r in tuned if r.get("confidence") is not None and r["kind"] in (*IN_DOMAIN, "refusal")]
+    answered = sorted((r for r in rows if not r["refused"]), key=lambda r: -r["confidence"])
     curve, right = [], 0
     for n, r in enumerate(answered, 1):
         right += not is_confident_wrong(r)
-        curve.append((r["logprob"], n / len(rows), right / n))
+        curve.append((r["confidence"], n / len(rows), right / n))
     return curve
 
 
@@ -592,6 +593,7 @@ def _causal_sides(
     `val` (grounded models): the rows the abstention threshold is chosen on; the tuned side's answers
     below it become the refusal (`tuned.*`), and the metrics without abstention are kept too.
     """
+    from tagtune.grounding import threshold_for
     from tagtune.models import load_saved
 
     has_refusal = bool(template.get("refusal_answer")) or val is not None
@@ -600,7 +602,8 @@ def _causal_sides(
     threshold = None
     if val:
         metrics.update(_calibrate(model, tok, val, template, cfg, max_length))
-        threshold = metrics.get("abstain.threshold")
+        reranked = any(r.get("reranked") for r in rows)  # none chosen: the reranker's own "none fits"
+        threshold = threshold_for(metrics.get("abstain.threshold"), reranked)
     table = _evaluate_causal(model, tok, rows, template, cfg, "tuned", max_length, threshold)
     metrics.update({f"tuned.{k}": v for k, v in aggregate(table, has_refusal).items()})
     if val:

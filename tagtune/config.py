@@ -252,6 +252,8 @@ class RerankConfig(_Section):
 
     steps: Annotated[Int, Field(ge=0)] = 0  # training steps in finetune; 0 = BM25's order, no reranker
     candidates: Annotated[Int, Field(ge=2, le=64)] = 8  # BM25's top-N it reorders
+    negatives: Annotated[Int, Field(ge=1, le=63)] = 3  # BM25's hard negatives per training question
+    layers: Annotated[Int, Field(ge=0)] = 0  # the base model's first N blocks (0 = all): 15 costs half
     batch_questions: Annotated[Int, Field(gt=0)] = 4  # questions per step (each with its candidates)
     learning_rate: Annotated[Float, Field(gt=0)] = 5e-4
     lora_r: Annotated[Int, Field(gt=0)] = 16
@@ -265,8 +267,7 @@ class RetrievalConfig(_Section):
     the refusal), so the model learns to copy from the right fact and to refuse when none fits.
     """
 
-    # off by default until its quality targets are met on the default run (issue 12, in progress):
-    # false = purely parametric (the model answers from its weights alone)
+    # the shipped params.yaml turns it on; false = purely parametric (answers from the weights alone)
     enabled: bool = False
     k: Annotated[Int, Field(gt=0, le=16)] = 4  # facts put into each prompt
     # share of training questions whose fact is left out of the prompt (target: the refusal)

@@ -7,15 +7,18 @@ So the model learns to copy from the right fact and to say it does not know when
 Zhang et al. 2024, with the refusal as the target of the no-fact examples).
 
 Inference (evaluate, the pyfunc model, chat, UI): `ground` retrieves (reranked by the trained
-cross-encoder of tagtune/rerank.py when the model has one: it also says when no fact answers the
-question, and the answer is then the refusal), renders the prompt exactly as training did, and after
-generation `cite` names the fact the answer came from (its `source:line`).
-`abstain` replaces an answer whose confidence (mean log-probability of its tokens) is below the
-threshold evaluate chose on the val split with the refusal.
+cross-encoder of tagtune/rerank.py when the model has one: its score also says whether any fact answers
+the question), renders the prompt exactly as training did, and after generation `cite` names the fact
+the answer came from (its `source:line`).
+`abstain` replaces an answer whose `confidence` is below the threshold evaluate chose on the val split
+with the refusal. The confidence is the reranker's score of the fact in the prompt when the model has
+a reranker (whether the right fact was found is what decides an answer: measured in README), else the
+mean log-probability of the answer's tokens.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +36,7 @@ GROUNDED_KINDS = ("qa", "refusal")  # single-turn rows; multi-turn chats and tex
 class Grounded:
     prompt: str
     hits: list[Hit]  # what retrieval put into the prompt, best first
-    none_fit: bool = False  # the index's reranker scored no fact above "none of these": refuse
+    reranked: bool = False  # hits[].score are the reranker's (> 0: the fact answers the question)
 
 
 def ground(
@@ -44,8 +47,8 @@ def ground(
     out = []
     for question, hits in zip(questions, index.search(questions, k), strict=True):
         context = [h.fact.text for h in hits]
-        none_fit = index.reranker is not None and not (hits and hits[0].score > 0)
-        out.append(Grounded(render_prompt(question, template, tokenizer, context), hits, none_fit))
+        reranked = index.reranker is not None
+        out.append(Grounded(render_prompt(question, template, tokenizer, context), hits, reranked))
     return out
 
 
@@ -56,9 +59,28 @@ def cite(answer: str, hits: list[Hit]) -> Hit | None:
     return hits[best[1]] if best[0] >= CITE_MIN_F1 else None
 
 
-def abstain(answer: str, logprob: float | None, threshold: float | None, template: dict[str, Any]) -> str:
+NONE_FITS = 0.0  # the reranker's "none of these" score: the threshold when evaluate chose none
+
+
+def confidence(logprob: float | None, hits: list[Hit], reranked: bool) -> float | None:
+    """How sure an answer is: the reranker's score of the best fact (reranked hits; no fact at all:
+    below any threshold), else the mean log-probability of the answer's tokens (None: unknown)."""
+    if reranked:
+        return hits[0].score if hits else -math.inf
+    return logprob
+
+
+def threshold_for(chosen: float | None, reranked: bool) -> float | None:
+    """The abstention threshold in force: evaluate's (chosen on val), else for a reranked model its
+    own "none of these" (NONE_FITS: no fact scored above it → the refusal), else none."""
+    if chosen is None and reranked:
+        return NONE_FITS
+    return chosen
+
+
+def abstain(answer: str, conf: float | None, threshold: float | None, template: dict[str, Any]) -> str:
     """`answer`, or the refusal when its confidence is below `threshold` (None: never abstain)."""
-    if threshold is None or logprob is None or logprob >= threshold:
+    if threshold is None or conf is None or conf >= threshold:
         return answer
     return refusal_answer(template)
 
@@ -128,7 +150,8 @@ def reply(
     )
     out = []
     for a, g in zip(answers, found, strict=True):
-        text = refusal_answer(template) if g.none_fit else abstain(a.text, a.logprob, threshold, template)
+        conf = confidence(a.logprob, g.hits, g.reranked)
+        text = abstain(a.text, conf, threshold_for(threshold, g.reranked), template)
         source = cite(text, g.hits)
         out.append(Reply(text, [source.fact.where] if source else [], a))
     return out

@@ -91,6 +91,7 @@ def test_the_real_model_answers_a_new_fact_from_the_index_and_cites_it(tmp_path)
     p["finetune"].update(max_steps=40, batch_size=8, learning_rate=0.001, logging_steps=10, threads=0)
     p["split"].update(test_fraction=0.15, val_fraction=0.1)
     p["retrieval"]["k"] = 3
+    p["retrieval"]["rerank"]["steps"] = 0  # BM25's order (the reranker's own tests: test_rerank.py)
     p["evaluate"].update(
         compare_base=False, max_examples=8, max_confident_wrong=1.0, generation={"max_new_tokens": 40}
     )

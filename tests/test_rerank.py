@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tinydata import make_splits, qa_rows
 
 from stages.finetune import finetune
@@ -22,7 +23,7 @@ SFT = dict(max_steps=4, batch_size=4, save_steps=100, logging_steps=2, learning_
 def test_training_lists_hold_the_gold_or_point_at_none(tmp_path):
     train = read_jsonl(make_splits(tmp_path / "d", rows=qa_rows(n_facts=8)) / "train.jsonl")
     index = FactIndex(facts_from_examples(train))
-    lists = training_lists(train, index, candidates=4, gold_absent=0.25, seed=0)
+    lists = training_lists(train, index, negatives=3, gold_absent=0.25, seed=0)
     by_q = {ex["question"]: ex for ex in train}
     kinds = {"gold": 0, "absent": 0, "ood": 0}
     for question, facts, target in lists:
@@ -38,16 +39,18 @@ def test_training_lists_hold_the_gold_or_point_at_none(tmp_path):
             assert ex["reference"] not in facts  # trained without its fact: "none of these"
             kinds["absent"] += 1
     assert all(kinds.values()), kinds
-    assert training_lists(train, index, 4, 0.25, 0) == lists  # seeded
+    assert training_lists(train, index, 3, 0.25, 0) == lists  # seeded
 
 
 def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path, tiny_llama):
     splits = make_splits(tmp_path / "d", rows=qa_rows(n_facts=6))
     train = read_jsonl(splits / "train.jsonl")
-    cfg = RerankConfig(steps=60, candidates=4, batch_questions=4, learning_rate=1e-2)
+    # the tiny model's first block of two (the shipped default keeps 15 of SmolLM2's 30)
+    cfg = RerankConfig(steps=60, candidates=4, negatives=3, layers=1, batch_questions=4, learning_rate=1e-2)
     base, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
     reranker, facts = train_reranker(train, base, tok, cfg, gold_absent=0.2, seed=0)
     assert facts["loss_last"] < facts["loss_first"], facts
+    assert reranker.model.config.num_hidden_layers == 1 and facts["layers"] == 1
 
     # grounded finetune writes it beside the model (hashed with the weights) and every consumer attaches it
     grounded = RetrievalConfig(enabled=True, k=2, rerank=cfg)
@@ -58,6 +61,10 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     assert any(k.startswith("reranker/") for k in training["weights_sha256"])
     index = attach(FactIndex(facts_from_examples(train)), out)
     assert index.reranker is not None and index.reranker.candidates == 4
+    # loaded cut to the block it was trained with: it scores as the trained one did
+    assert index.reranker.model.config.num_hidden_layers == 1
+    pairs = [(ex["question"], ex["reference"]) for ex in train[:6]]
+    assert index.reranker.scores(pairs) == pytest.approx(reranker.scores(pairs), abs=1e-3)
     questions = [ex["question"] for ex in train if ex["kind"] == "qa"]
     hits = index.search(questions, 2)
     assert all(len(h) == 2 and h[0].score >= h[1].score for h in hits)  # reranked: its scores, best first
@@ -69,10 +76,15 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     model, mtok = load_finetuned(out)
     found = ground(questions, index, template, 2, mtok)
     replies = reply(model, mtok, template, questions, _greedy(), 8, index, 2)
+    assert all(g.reranked for g in found)
     for g, r in zip(found, replies, strict=True):
-        assert g.none_fit == (g.hits[0].score <= 0)
-        if g.none_fit:
+        if g.hits[0].score < 0:  # no threshold given: the reranker's own "none of these" (0)
             assert r.text == refusal_answer(template) and r.sources == []
+    # evaluate's threshold (chosen on val) replaces that 0, below or above it
+    refuse_all = reply(model, mtok, template, questions, _greedy(), 8, index, 2, threshold=1e9)
+    assert {r.text for r in refuse_all} == {refusal_answer(template)}
+    answer_all = reply(model, mtok, template, questions, _greedy(), 8, index, 2, threshold=-1e9)
+    assert [r.text for r in answer_all] == [r.answer.text for r in answer_all]
     assert attach(FactIndex(facts_from_examples(train)), tmp_path).reranker is None  # none there: BM25
 
 

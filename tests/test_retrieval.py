@@ -164,8 +164,15 @@ def test_an_answer_cites_the_fact_it_came_from_and_abstains_below_the_threshold(
     assert abstain("Nine.", -0.9, None, template) == "Nine."
 
 
-def _scored(kind: str, f1: float, refused: bool, logprob: float) -> dict:
-    return {"kind": kind, "f1": f1, "refused": refused, "logprob": logprob, "answer": "x", "side": "tuned"}
+def _scored(kind: str, f1: float, refused: bool, confidence: float) -> dict:
+    return {
+        "kind": kind,
+        "f1": f1,
+        "refused": refused,
+        "confidence": confidence,
+        "answer": "x",
+        "side": "tuned",
+    }
 
 
 def test_threshold_is_the_lowest_that_meets_the_confident_wrong_target():

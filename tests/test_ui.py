@@ -20,7 +20,7 @@ from flowrepo import ANSWER, QUESTION, env, memorised_workspace
 
 from stages.feedback import snapshot_feedback
 from stages.ingest import ingest
-from tagtune.config import load_params
+from tagtune.config import load_params, parse_params
 from tagtune.io import read_jsonl
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -182,3 +182,16 @@ def test_concurrent_users_get_answers_or_a_queue_full_message(page):
     assert all("queue" in str(e).lower() for e in errors), errors
     history = Client(page["url"], verbose=False).predict(*args, api_name="/ask")[0]
     assert _text(history[-1]["content"]) == ANSWER
+
+
+def test_the_shipped_params_learn_from_the_ui_feedback_and_a_source_list_without_it_does_not():
+    from tagtune.app.ui import is_ingested
+
+    root = Path(__file__).resolve().parents[1]
+    p = load_params(root / "params.yaml")
+    db = root / p.ui.feedback_db
+    assert is_ingested(p, db, root)  # the feedback stage's snapshot is an ingest source
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["ingest"]["sources"] = [s for s in raw["ingest"]["sources"] if "feedback" not in s["path"]]
+    raw["split"]["train_only"] = []
+    assert not is_ingested(parse_params(raw, "params.yaml"), db, root)  # the UI warns at start

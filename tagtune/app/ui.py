@@ -127,10 +127,21 @@ class FeedbackStore:
 
 
 def is_ingested(params: Params, feedback_db: Path, base_dir: Path = Path(".")) -> bool:
-    """True if some `sql` entry of ingest.sources reads `feedback_db` (else feedback never trains)."""
+    """True if ingest.sources reads `feedback_db`'s verdicts (else feedback never trains): the feedback
+    stage's snapshot of ui.feedback_db (`paths.feedback`/examples.jsonl, the shipped way), or an `sql`
+    entry on the database itself."""
+    from stages.feedback import EXAMPLES_FILE
+
     target = feedback_db.resolve()
+    snapshot = (base_dir / params.paths.feedback / EXAMPLES_FILE).resolve()
     for src in params.ingest.sources:
         if src.format != "sql":
+            if (
+                src.path
+                and (base_dir / src.path).resolve() == snapshot
+                and target == (base_dir / params.ui.feedback_db).resolve()
+            ):
+                return True
             continue
         path = src.path
         if src.url and src.url.startswith("sqlite:///"):
@@ -277,9 +288,9 @@ def serve(
     store = FeedbackStore(db)
     if not is_ingested(params, db, base_dir):
         print(
-            f"tagtune ui: warning: feedback goes to {db}, but no `sql` entry of ingest.sources reads it, "
-            f"so retraining will not learn from it (add: format: sql, path: {cfg.feedback_db}, "
-            f"query: {EXAMPLES_QUERY})",
+            f"tagtune ui: warning: feedback goes to {db}, but no entry of ingest.sources reads it, so "
+            f"retraining will not learn from it (add: path: {params.paths.feedback}/examples.jsonl, "
+            f"format: qa, optional: true, overrides: true — the feedback stage snapshots ui.feedback_db there)",
             file=sys.stderr,
         )
     app = build_app(bot, store, cfg, params.evaluate.generation)
