@@ -14,9 +14,11 @@ Training (listwise, on the train split only): per question, its fact among BM25'
 softmax over the candidates *plus a null option whose score is fixed at 0*. Target: the gold fact; or
 the null option for out-of-domain questions and for a `retrieval.gold_absent` share of in-domain ones
 trained with their fact removed. So a score above 0 means "this fact answers it, better than nothing
-does": the reranker abstains (no candidate above 0) on questions none of the facts answers — calibrated
-abstention with no threshold to tune. The loss is not one HF Trainer or TRL offers (a listwise softmax
-with a fixed null logit), hence the short loop here.
+does", and the best fact's score is the grounded answer's confidence: evaluate chooses the abstention
+threshold on it (tagtune/grounding.py; 0 when none is chosen). Where 0 sits moves from run to run and
+with the number of negatives, hence the threshold chosen on val rather than 0 alone (README: Results).
+The loss is not one HF Trainer or TRL offers (a listwise softmax with a fixed null logit), hence the
+short loop here.
 
 The adapter is saved in finetune's output (`reranker/`), registered with the model, and attached to the
 fact index by evaluate, the pyfunc, chat and the UI (`attach`): a fact added later is scored too, so new
