@@ -78,9 +78,14 @@ def threshold_for(chosen: float | None, reranked: bool) -> float | None:
     return chosen
 
 
+def below(conf: float | None, threshold: float | None) -> bool:
+    """Whether an answer of confidence `conf` is refused at `threshold` (None: never; unknown: kept)."""
+    return threshold is not None and conf is not None and conf < threshold
+
+
 def abstain(answer: str, conf: float | None, threshold: float | None, template: dict[str, Any]) -> str:
     """`answer`, or the refusal when its confidence is below `threshold` (None: never abstain)."""
-    if threshold is None or conf is None or conf >= threshold:
+    if not below(conf, threshold):
         return answer
     return refusal_answer(template)
 
@@ -125,7 +130,12 @@ def training_segments(
 class Reply:
     text: str  # what the user sees: the answer, or the refusal when it abstained
     sources: list[str]  # `source:line` of the fact the answer came from ([] when none / refused)
-    answer: Answer  # the generation itself (before abstention): logprob, stopped, tokens
+    answer: Answer  # the generation itself (before abstention): logprob, stopped, tokens; see NOT_ASKED
+
+
+# a reranked question whose best fact scores below the threshold is refused before generating: its
+# confidence does not depend on the answer, so generating it (~1 s on 2 cores) would change nothing
+NOT_ASKED = Answer(text="", new_tokens=0, stopped=True)
 
 
 def reply(
@@ -145,13 +155,19 @@ def reply(
         found = [Grounded(render_prompt(q, template, tokenizer), []) for q in questions]
     else:
         found = ground(questions, index, template, k, tokenizer)
-    answers = generate_answers(
-        model, tokenizer, [g.prompt for g in found], gen, template.get("end_marker"), batch_size
-    )
+    limits = [threshold_for(threshold, g.reranked) for g in found]
+    asked = [
+        not (g.reranked and below(confidence(None, g.hits, True), t))
+        for g, t in zip(found, limits, strict=True)
+    ]
+    prompts = [g.prompt for g, a in zip(found, asked, strict=True) if a]
+    end = template.get("end_marker")
+    generated = iter(generate_answers(model, tokenizer, prompts, gen, end, batch_size) if prompts else [])
     out = []
-    for a, g in zip(answers, found, strict=True):
-        conf = confidence(a.logprob, g.hits, g.reranked)
-        text = abstain(a.text, conf, threshold_for(threshold, g.reranked), template)
+    for g, t, a in zip(found, limits, asked, strict=True):
+        answer = next(generated) if a else NOT_ASKED
+        conf = confidence(answer.logprob, g.hits, g.reranked)
+        text = abstain(answer.text, conf, t, template)
         source = cite(text, g.hits)
-        out.append(Reply(text, [source.fact.where] if source else [], a))
+        out.append(Reply(text, [source.fact.where] if source else [], answer))
     return out

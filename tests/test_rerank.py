@@ -10,7 +10,7 @@ from tinydata import make_splits, qa_rows
 
 from stages.finetune import finetune
 from tagtune.config import FinetuneConfig, ModelConfig, RerankConfig, RetrievalConfig
-from tagtune.grounding import ground, reply
+from tagtune.grounding import NOT_ASKED, ground, reply
 from tagtune.io import read_jsonl
 from tagtune.models import load_finetuned, load_model, load_tokenizer
 from tagtune.rerank import attach, train_reranker, training_lists
@@ -83,6 +83,7 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     # evaluate's threshold (chosen on val) replaces that 0, below or above it
     refuse_all = reply(model, mtok, template, questions, _greedy(), 8, index, 2, threshold=1e9)
     assert {r.text for r in refuse_all} == {refusal_answer(template)}
+    assert all(r.answer is NOT_ASKED for r in refuse_all)  # refused before generating: nothing generated
     answer_all = reply(model, mtok, template, questions, _greedy(), 8, index, 2, threshold=-1e9)
     assert [r.text for r in answer_all] == [r.answer.text for r in answer_all]
     assert attach(FactIndex(facts_from_examples(train)), tmp_path).reranker is None  # none there: BM25
