@@ -29,6 +29,7 @@ from typing import Any
 from tagtune.config import Params
 from tagtune.errors import DataError
 from tagtune.io import atomic_path, write_json, write_jsonl
+from tagtune.preference import latest_verdicts
 
 COLUMNS = (
     "id",
@@ -60,10 +61,7 @@ def _read(db: Path) -> list[dict[str, Any]]:
 
 def _examples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The latest verdict per question, kept when it has a training answer (the UI's feedback_examples)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for r in rows:  # by id: a later verdict replaces an earlier one
-        latest[r["question"].strip().lower()] = r
-    keep = sorted((r for r in latest.values() if r["answer"] is not None), key=lambda r: r["id"])
+    keep = [r for r in latest_verdicts(rows) if r["answer"] is not None]
     provenance = ("created_at", "rating", "model_name", "model_version")
     return [
         {

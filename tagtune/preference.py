@@ -54,8 +54,9 @@ def render_pair(
     return prompt, segments[first][0]
 
 
-def _latest(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The latest verdict per question (trimmed, case-folded: as the feedback stage keys them)."""
+def latest_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest verdict per question (by id; questions trimmed and case-folded), in id order: what
+    the feedback stage trains on and what preference tuning pairs."""
     latest: dict[str, dict[str, Any]] = {}
     for v in sorted(verdicts, key=lambda v: v["id"]):
         latest[v["question"].strip().lower()] = v
@@ -76,7 +77,7 @@ def preference_rows(
         contexts: question → retrieved facts, for a grounded model (prompts as it sees them).
     """
     rows = PreferenceRows()
-    for v in _latest(verdicts):
+    for v in latest_verdicts(verdicts):
         q, answered, correction = v["question"], (v.get("model_answer") or "").strip(), v.get("correction")
         if normalize(q) in exclude:
             rows.held_out += 1
