@@ -15,7 +15,8 @@ its frozen base trained in bf16 and is merged in bf16).
 
 First token: `tagtune chat` streams through `stream_answer`; in this warm process, the time from a
 prompt to its first yielded piece, alternated with the floor (one forward pass over the prompt, which
-any first token needs); medians over `FIRST_TOKEN_QUESTIONS` questions. `--profile` adds the top ops
+any first token needs); medians over `FIRST_TOKEN_QUESTIONS` questions. Grounded (the default), chat
+first reranks BM25's candidates for the question: `grounded_first_token` times `Chatbot.stream` itself. `--profile` adds the top ops
 (torch.profiler, self CPU time) of one batched pass: where the batched time goes.
 """
 
@@ -137,6 +138,34 @@ def first_token(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker:
     }
 
 
+def grounded_first_token(
+    model: Any, tokenizer: Any, template: dict, train: list[dict], questions: list[str], gen, params: Any
+) -> dict:
+    """Chat's first streamed piece for a grounded model: `Chatbot.stream` (BM25, the reranker over its
+    candidates, then the prompt with the fact). The reranker here is the same base model, untrained
+    (a trained one is the base with a merged adapter: the same cost); threshold -inf, so every
+    question streams."""
+    import math
+
+    from tagtune.app.chat import Chatbot
+    from tagtune.rerank import Reranker
+    from tagtune.retrieval import FactIndex, facts_from_examples
+
+    index = FactIndex(facts_from_examples(train))
+    index.reranker = Reranker(model, tokenizer, params.retrieval.rerank.candidates)
+    grounding = {"retrieval_k": params.retrieval.k, "abstain_threshold": -math.inf}
+    bot = Chatbot(model, tokenizer, template, {"source": "bench"}, index, grounding)
+    firsts = []
+    for q in [questions[0], *questions]:  # the first round warms up (not counted)
+        t = time.perf_counter()
+        stream = bot.stream(q, gen)
+        next(stream, None)
+        firsts.append(time.perf_counter() - t)
+        stream.close()
+    return {"grounded_first_token_s": round(median(firsts[1:]), 4),
+            "grounded_first_token_runs_s": [round(x, 4) for x in firsts[1:]]}  # fmt: skip
+
+
 def profile_batched(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker, bs: int) -> dict:
     """Share of self CPU time of the top ops in one batched pass (torch.profiler; not the timed runs)."""
     from torch.profiler import ProfilerActivity, profile
@@ -174,7 +203,9 @@ def run(
         splits = shipped_splits(Path(tmp), params)
         rows = [r for r in read_jsonl(splits / "test.jsonl") if r.get("prompt")]
         rows = rows[:: max(1, len(rows) // questions)][:questions]  # spread: in-domain and refusal rows
-        end_marker = read_template(splits).get("end_marker")
+        template = read_template(splits)
+        end_marker = template.get("end_marker")
+        train = read_jsonl(splits / "train.jsonl")
     model_dir = base_dir(base)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     prompts, bs = [r["prompt"] for r in rows], params.evaluate.batch_size
@@ -185,6 +216,8 @@ def run(
         model = model.to(dtype)
         arm = compare(model, tokenizer, prompts, gen, end_marker, bs, repeats)
         arm.update(first_token(model, tokenizer, prompts[:FIRST_TOKEN_QUESTIONS], gen, end_marker))
+        asked = [r["question"] for r in rows[:FIRST_TOKEN_QUESTIONS]]
+        arm.update(grounded_first_token(model, tokenizer, template, train, asked, gen, params))
         if profile:
             arm.update(profile_batched(model, tokenizer, prompts, gen, end_marker, bs))
         arms[name] = arm
@@ -212,7 +245,8 @@ def summary(r: dict[str, Any]) -> str:
             f"greedy): batched {a['batched_tokens_per_s']:.0f} tokens/s vs one call per question "
             f"{a['one_by_one_tokens_per_s']:.0f} = {a['ratio']:.1f}x (pairs {a['pair_ratios']}; same answers "
             f"{a['same_answers']:.0%}; target >= {r['target_ratio']:.0f}x: {'met' if a['met'] else 'MISSED'}); "
-            f"chat first token {a['first_token_s'] * 1000:.0f} ms (floor {a['first_token_floor_s'] * 1000:.0f} ms)"
+            f"chat first token {a['first_token_s'] * 1000:.0f} ms (floor {a['first_token_floor_s'] * 1000:.0f} ms; "
+            f"grounded, reranked: {a['grounded_first_token_s'] * 1000:.0f} ms)"
         )
         if "profile_top_ops" in a:
             lines.append("  batched pass (torch.profiler): " + ", ".join(

@@ -263,14 +263,16 @@ class RetrievalConfig(_Section):
     """The `retrieval:` section: answers grounded in the user's own facts.
 
     The index stage indexes the train split's answers (+ sources with `train: false`); finetune trains
-    with the top-`k` retrieved facts in the prompt, some with the right fact left out (answered with
-    the refusal), so the model learns to copy from the right fact and to refuse when none fits.
+    with the top-`k` retrieved facts in the prompt, so the model learns to copy from the right fact.
+    Who says "none fits": the reranker (`rerank.steps` > 0) scoring the facts before generating; or,
+    without one, the model itself, trained with a `gold_absent` share of facts left out → the refusal.
     """
 
     # the shipped params.yaml turns it on; false = purely parametric (answers from the weights alone)
     enabled: bool = False
     k: Annotated[Int, Field(gt=0, le=16)] = 4  # facts put into each prompt
-    # share of training questions whose fact is left out of the prompt (target: the refusal)
+    # share of training questions whose fact is left out: the reranker's target is then "none fits";
+    # the generator's is the refusal, but only without a reranker (stages/finetune.generator_absent)
     gold_absent: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.2
     rerank: RerankConfig = RerankConfig()
 

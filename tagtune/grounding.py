@@ -155,19 +155,26 @@ def reply(
         found = [Grounded(render_prompt(q, template, tokenizer), []) for q in questions]
     else:
         found = ground(questions, index, template, k, tokenizer)
-    limits = [threshold_for(threshold, g.reranked) for g in found]
-    asked = [
-        not (g.reranked and below(confidence(None, g.hits, True), t))
-        for g, t in zip(found, limits, strict=True)
-    ]
+    asked = [asks(g, threshold) for g in found]
     prompts = [g.prompt for g, a in zip(found, asked, strict=True) if a]
     end = template.get("end_marker")
     generated = iter(generate_answers(model, tokenizer, prompts, gen, end, batch_size) if prompts else [])
-    out = []
-    for g, t, a in zip(found, limits, asked, strict=True):
-        answer = next(generated) if a else NOT_ASKED
-        conf = confidence(answer.logprob, g.hits, g.reranked)
-        text = abstain(answer.text, conf, t, template)
-        source = cite(text, g.hits)
-        out.append(Reply(text, [source.fact.where] if source else [], answer))
-    return out
+    return [
+        finish(g, next(generated) if a else NOT_ASKED, threshold, template)
+        for g, a in zip(found, asked, strict=True)
+    ]
+
+
+def asks(g: Grounded, threshold: float | None) -> bool:
+    """Whether `g`'s question is generated at all: not when reranked and its best fact scores below
+    the threshold in force (`threshold_for`: evaluate's `threshold`, else the reranker's own)."""
+    return not (g.reranked and below(confidence(None, g.hits, True), threshold_for(threshold, g.reranked)))
+
+
+def finish(g: Grounded, answer: Answer, threshold: float | None, template: dict[str, Any]) -> Reply:
+    """The reply to `g`'s question given its generated `answer` (NOT_ASKED when `asks` said no): the
+    answer or the refusal below the threshold in force, and the source it cites."""
+    conf = confidence(answer.logprob, g.hits, g.reranked)
+    text = abstain(answer.text, conf, threshold_for(threshold, g.reranked), template)
+    source = cite(text, g.hits)
+    return Reply(text, [source.fact.where] if source else [], answer)

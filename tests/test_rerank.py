@@ -86,7 +86,27 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     assert all(r.answer is NOT_ASKED for r in refuse_all)  # refused before generating: nothing generated
     answer_all = reply(model, mtok, template, questions, _greedy(), 8, index, 2, threshold=-1e9)
     assert [r.text for r in answer_all] == [r.answer.text for r in answer_all]
+    _chat_streams_what_reply_answers(model, mtok, template, index, questions[:3], answer_all[:3])
     assert attach(FactIndex(facts_from_examples(train)), tmp_path).reranker is None  # none there: BM25
+
+
+def _chat_streams_what_reply_answers(model, tok, template, index, questions, replies):
+    """Chat streams a reranked answer (refused or not before generating) with reply's text and sources;
+    its length check counts the facts the prompt may hold."""
+    from tagtune.app.chat import Chatbot
+
+    bot = Chatbot(model, tok, template, {}, index, {"retrieval_k": 2, "abstain_threshold": -1e9})
+    for q, r in zip(questions, replies, strict=True):
+        pieces = list(bot.stream(q, _greedy()))
+        assert "".join(pieces).strip() == r.text and bot.last_sources == r.sources
+    bot.grounding["abstain_threshold"] = 1e9
+    assert list(bot.stream(questions[0], _greedy())) == [refusal_answer(template)] and bot.last_sources == []
+    plain = Chatbot(model, tok, template, {})
+    n = len(tok(plain.prompt(questions[0]), add_special_tokens=False)["input_ids"])
+    fits = _greedy().model_copy(update={"max_new_tokens": bot.context - n})
+    assert plain.too_long(questions[0], fits) is None and "past the model's context" in bot.too_long(
+        questions[0], fits
+    )
 
 
 def _greedy():

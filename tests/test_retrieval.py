@@ -150,6 +150,20 @@ def test_raft_examples_hold_k_facts_with_the_gold_or_the_refusal(tmp_path):
     assert all(ex["grounded"] == "absent" for ex in out if ex["kind"] == "refusal")
 
 
+@pytest.mark.parametrize("steps", [0, 5])
+def test_the_generator_is_taught_to_refuse_a_wrong_fact_only_without_a_reranker(tmp_path, steps):
+    from stages.finetune import _ground
+    from tagtune.config import RetrievalConfig
+
+    splits = make_splits(tmp_path / "data", qa_rows(10, 3))
+    train, val = read_jsonl(splits / "train.jsonl"), read_jsonl(splits / "val.jsonl")
+    retrieval = RetrievalConfig(enabled=True, k=2, gold_absent=0.5, rerank={"steps": steps})
+    out = [ex for split in _ground(train, val, read_template(splits), retrieval, 1, None) for ex in split]
+    kinds = [ex["grounded"] for ex in out if ex["kind"] == "qa"]
+    # with a reranker, it says "none fits" before generating: the generator always sees the gold fact
+    assert ("absent" in kinds) == (steps == 0) and "gold" in kinds
+
+
 def _hit(text: str, where: int) -> Hit:
     return Hit(Fact("x", text, "faq.csv", where), 1.0)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from tagtune.config import GenerationConfig, MlflowConfig
 from tagtune.errors import TagtuneError
-from tagtune.generation import stream_answer
-from tagtune.grounding import Reply, reply
+from tagtune.generation import Answer, generate_answers, stream_answer
+from tagtune.grounding import NOT_ASKED, Reply, asks, finish, ground, reply
 from tagtune.io import read_json
 from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir, version_config
 from tagtune.registry import INFO_FILE, pull, resolve_version
@@ -120,8 +120,14 @@ class Chatbot:
         return next((v for k in CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int)), None)
 
     def too_long(self, question: str, gen: GenerationConfig) -> str | None:
-        """Why `question` cannot be answered whole (prompt + max_new_tokens past the context), else None."""
-        n = len(self.tokenizer(self.prompt(question), add_special_tokens=False)["input_ids"])
+        """Why `question` cannot be answered whole (prompt + max_new_tokens past the context), else None.
+
+        A grounded prompt is measured with the index's `retrieval_k` longest facts in it: an upper bound
+        known before retrieval (which facts come is known only after reranking, ~1 s).
+        """
+        context = self._longest_facts() if self.index is not None else None
+        prompt = render_prompt(question, self.template, self.tokenizer, context)
+        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if self.context is not None and n + gen.max_new_tokens > self.context:
             return (
                 f"question too long: {n} prompt tokens + {gen.max_new_tokens} new tokens is past the model's "
@@ -129,25 +135,56 @@ class Chatbot:
             )
         return None
 
+    def _longest_facts(self) -> list[str]:
+        if not hasattr(self, "_longest"):
+            self._longest = sorted((f.text for f in self.index.facts), key=len)[-self._k :]
+        return self._longest
+
+    @property
+    def _k(self) -> int:
+        return int(self.grounding.get("retrieval_k", 4))
+
     def answer(self, questions: list[str], gen: GenerationConfig, batch_size: int = 16) -> list[Reply]:
         """Answer a batch of questions: `.text` (the answer or the refusal), `.sources`, `.answer`."""
-        k = int(self.grounding.get("retrieval_k", 4))
         threshold = self.grounding.get("abstain_threshold")
         return reply(
-            self.model, self.tokenizer, self.template, questions, gen, batch_size, self.index, k, threshold
+            self.model,
+            self.tokenizer,
+            self.template,
+            questions,
+            gen,
+            batch_size,
+            self.index,
+            self._k,
+            threshold,
         )
 
     def stream(self, question: str, gen: GenerationConfig) -> Iterator[str]:
         """Yield the answer as it is generated; stops at the end marker, which is never yielded.
 
-        A grounded answer comes in one piece: whether it stands or becomes the refusal is known only
-        once all of it is generated (its confidence). Its sources are then in `last_sources`.
+        Grounded with a reranker: its score decides before generating whether the question is
+        answered (`grounding.asks`), so the answer streams and its source (`last_sources`) is set at
+        the end. Grounded without one, the answer comes in one piece: its confidence is the generator's
+        mean log-probability, known only once all of it is generated.
         """
         self.last_sources = []
-        if self.index is not None:
-            (r,) = self.answer([question], gen)
-            self.last_sources = r.sources
-            yield r.text
-            return
         end = self.template.get("end_marker")
-        yield from stream_answer(self.model, self.tokenizer, self.prompt(question), gen, end)
+        if self.index is None:
+            yield from stream_answer(self.model, self.tokenizer, self.prompt(question), gen, end)
+            return
+        threshold = self.grounding.get("abstain_threshold")
+        (g,) = ground([question], self.index, self.template, self._k, self.tokenizer)
+        if g.reranked and asks(g, threshold):
+            text = ""
+            for piece in stream_answer(self.model, self.tokenizer, g.prompt, gen, end):
+                text += piece
+                yield piece
+            self.last_sources = finish(g, Answer(text.strip(), 0, True), threshold, self.template).sources
+            return
+        if g.reranked:  # refused before generating
+            answer = NOT_ASKED
+        else:
+            (answer,) = generate_answers(self.model, self.tokenizer, [g.prompt], gen, end, 1)
+        r = finish(g, answer, threshold, self.template)
+        self.last_sources = r.sources
+        yield r.text
