@@ -610,8 +610,13 @@ def _causal_sides(
         raw = aggregate([{**r, **r.get("raw", {})} for r in table], has_refusal)
         metrics.update({f"tuned.{k}_without_abstention": raw[k] for k in RAW_METRICS if k in raw})
     if cfg.compare_base:
+        # the base side in the tuned side's precision (bf16 where LoRA trained in it): the comparison is
+        # of the training, not of the number format, and the base model's long answers (they run to
+        # max_new_tokens half the time) made fp32 the slower half of evaluate (README: Benchmarks)
+        dtype = next(model.parameters()).dtype
         del model
         base_model, base_tok = load_saved(training["base_model_dir"])
+        base_model = base_model.to(dtype)
         base = _evaluate_causal(base_model, base_tok, rows, template, cfg, "base", max_length)
         metrics.update({f"base.{k}": v for k, v in aggregate(base, has_refusal).items()})
         table += base

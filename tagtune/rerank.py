@@ -51,14 +51,23 @@ class Reranker:
 
     def _logits(self, pairs: list[tuple[str, str]]):
         """Score of each (question, fact) pair as a tensor (gradients flow: training uses it too)."""
+        import torch.nn.functional as F
+
         self.tokenizer.padding_side = "left"  # the score is read at the last position
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         texts = [PROMPT.format(fact=f, question=q) for q, f in pairs]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
-        # the LM head on the last position only: over every position it was ~1/5 of the step's FLOPs
-        last = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
-        return last[:, self.yes] - last[:, self.no]
+        # the last hidden state through the two rows of the LM head the score reads. The whole head, even
+        # on the last position only (logits_to_keep=1), made torch copy its 49,152 x 576 weight once per
+        # sequence (matmul of a strided [B, 1, H] slice → bmm on an expanded weight): 58% of scoring
+        # time in a profile. (Heads that rescale logits, e.g. Gemma's soft-capping, are not supported.)
+        hidden = self.model.get_decoder()(**enc).last_hidden_state[:, -1]
+        head = self.model.get_output_embeddings()
+        rows = [self.yes, self.no]
+        bias = None if head.bias is None else head.bias[rows]
+        logits = F.linear(hidden, head.weight[rows], bias).float()
+        return logits[:, 0] - logits[:, 1]
 
     def scores(self, pairs: list[tuple[str, str]]) -> list[float]:
         import torch

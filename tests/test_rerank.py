@@ -45,8 +45,9 @@ def test_training_lists_hold_the_gold_or_point_at_none(tmp_path):
 def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path, tiny_llama):
     splits = make_splits(tmp_path / "d", rows=qa_rows(n_facts=6))
     train = read_jsonl(splits / "train.jsonl")
-    # the tiny model's first block of two (the shipped default keeps 15 of SmolLM2's 30)
-    cfg = RerankConfig(steps=60, candidates=4, negatives=3, layers=1, batch_questions=4, learning_rate=1e-2)
+    # the tiny model's first block of two; every list in every step (full batch): a random-init model
+    # learns these lists slowly, and the loss of sampled batches of 4 is too noisy to show it
+    cfg = RerankConfig(steps=40, candidates=4, negatives=3, layers=1, batch_questions=64, learning_rate=3e-3)
     base, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
     reranker, facts = train_reranker(train, base, tok, cfg, gold_absent=0.2, seed=0)
     assert facts["loss_last"] < facts["loss_first"], facts
@@ -57,7 +58,7 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     out = tmp_path / "out"
     training = finetune(splits, out, FinetuneConfig(**SFT, max_length=160), ModelConfig(base=str(tiny_llama)),
                         tmp_path / "ckpt", None, grounded)  # fmt: skip
-    assert training["reranker"]["steps"] == 60 and (out / "reranker" / "reranker.json").is_file()
+    assert training["reranker"]["steps"] == 40 and (out / "reranker" / "reranker.json").is_file()
     assert any(k.startswith("reranker/") for k in training["weights_sha256"])
     index = attach(FactIndex(facts_from_examples(train)), out)
     assert index.reranker is not None and index.reranker.candidates == 4
