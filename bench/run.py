@@ -143,6 +143,21 @@ def table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
                 "met_first_token",
                 arm=a,
             )
+        for name, a in arms:
+            if "grounded_first_token_s" not in a:
+                continue
+            add(
+                "generation",
+                (
+                    f"Grounded chat first token, warm process ({name}; BM25 + the reranker's 8 candidates + prompt)",
+                    f"{a['grounded_first_token_s'] * 1000:.0f} ms",
+                    f"{a.get('first_token_s', 0) * 1000:.0f} ms ungrounded",
+                    f"**{a['grounded_first_token_s'] * 1000:.0f} ms**",
+                    f"≤ {r.get('target_first_token_s', 0.1) * 1000:.0f} ms",
+                ),
+                "met_grounded_first_token",
+                arm=a,
+            )
     if r := results.get("orchestration"):
         add(
             "orchestration",
