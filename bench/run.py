@@ -24,6 +24,7 @@ SUITE: list[tuple[str, list[str]]] = [
     ("finetune_throughput", ["--steps", "6", "--repeats", "3"]),  # ~6 min: the seed arm is ~10 s/step
     ("mfu", ["--steps", "8", "--profile"]),  # ~4 min: full and LoRA, each profiled
     ("generation", ["--questions", "32", "--repeats", "3", "--profile"]),  # ~5 min: fp32 and bf16
+    ("rerank", ["--questions", "32", "--repeats", "3"]),  # ~1.5 min
     ("memory", ["--steps", "5"]),  # ~1 min
     ("orchestration", ["--steps", "3", "--examples", "4", "--repeats", "2"]),  # ~4 min
     ("chat_start", ["--repeats", "3", "--steps", "3"]),  # ~2 min
@@ -158,6 +159,17 @@ def table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
                 "met_grounded_first_token",
                 arm=a,
             )
+    if r := results.get("rerank"):
+        add(
+            "rerank",
+            (
+                f"Reranker scoring, question-fact pairs/s ({r.get('pairs')} pairs, {r.get('precision')}): the score's two LM-head rows",
+                f"{r.get('pairs_per_s', 0):.1f}",
+                f"{r.get('whole_head_pairs_per_s', 0):.1f} (the whole head at the last position)",
+                f"**{r.get('ratio', 0):.2f}×** (scores within {r.get('max_score_diff', 0)})",
+                "same scores, faster",
+            ),
+        )
     if r := results.get("orchestration"):
         add(
             "orchestration",

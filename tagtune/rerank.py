@@ -60,8 +60,9 @@ class Reranker:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
         # the last hidden state through the two rows of the LM head the score reads. The whole head, even
         # on the last position only (logits_to_keep=1), made torch copy its 49,152 x 576 weight once per
-        # sequence (matmul of a strided [B, 1, H] slice → bmm on an expanded weight): 58% of scoring
-        # time in a profile. (Heads that rescale logits, e.g. Gemma's soft-capping, are not supported.)
+        # sequence: with frozen weights (a merged adapter, LoRA training) its matmul of the strided
+        # [B, 1, H] slice becomes a bmm on an expanded weight, 58% of scoring time in a profile
+        # (bench/rerank.py). (Heads that rescale logits, e.g. Gemma's soft-capping, are not supported.)
         hidden = self.model.get_decoder()(**enc).last_hidden_state[:, -1]
         head = self.model.get_output_embeddings()
         rows = [self.yes, self.no]

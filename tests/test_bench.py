@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from bench import chat_start, finetune_throughput, generation, memory, mfu, orchestration, run
+from bench import chat_start, finetune_throughput, generation, memory, mfu, orchestration, rerank, run
 from bench._common import machine_info
 
 
@@ -66,6 +66,12 @@ def test_generation_batched_vs_one_by_one(tiny_llama):
     r = generation.run(str(tiny_llama), questions=3, repeats=1, max_new_tokens=3)
     _well_formed(r, "generation", ("batched_tokens_per_s", "one_by_one_tokens_per_s", "ratio"))
     assert r["batched_runs"][0]["tokens"] > 0 and r["one_by_one_runs"][0]["tokens"] > 0
+
+
+def test_rerank_scores_alike_with_two_head_rows_and_the_whole_head(tiny_llama):
+    r = rerank.run(str(tiny_llama), questions=2, repeats=1)
+    _well_formed(r, "rerank", ("pairs_per_s", "whole_head_pairs_per_s", "ratio"))
+    assert r["pairs"] > 2 and r["max_score_diff"] <= rerank.SAME_SCORE  # the same score, read two ways
 
 
 def test_memory_of_the_finetune_stage_in_a_child(tiny_llama):
