@@ -392,15 +392,18 @@ def _held_out_questions(splits: Path) -> set[str]:
 
 
 def _preference_rows(
-    verdicts_file: Path, splits: Path, template: dict, tokenizer: Any, grounded: RetrievalConfig | None
-):
-    """DPO/KTO rows from the feedback snapshot, prompts as the model sees them (grounded: with facts)."""
+    verdicts_file: Path, splits: Path, template: dict, tokenizer: Any, grounded: RetrievalConfig | None,
+    reranker: Any = None,
+):  # fmt: skip
+    """DPO/KTO rows from the feedback snapshot, prompts as the model sees them (grounded: with the
+    facts retrieval gives it, reranked by `reranker` when the run trains one)."""
     from tagtune.preference import preference_rows
 
     verdicts = read_jsonl(verdicts_file) if verdicts_file.is_file() else []
     contexts = None
     if grounded is not None and verdicts:
         index = FactIndex(facts_from_examples(read_jsonl(splits / "train.jsonl")))
+        index.reranker = reranker
         questions = sorted({v["question"] for v in verdicts})
         found = index.search(questions, grounded.k)
         contexts = {q: [h.fact.text for h in hits] for q, hits in zip(questions, found, strict=True)}
@@ -1192,13 +1195,18 @@ def finetune(
         if run_id and trainer.is_world_process_zero():
             _tracking().log_text(mlflow_cfg, run_id, audit, f"finetune/{AUDIT_FILE}")
         train_loss, val_loss, wall = _sft(trainer, resume, finished, bool(data.val), cfg)
-        pref = None
+        pref, reranker = None, None
         if preference is not None and preference.method != "none" and cfg.task == "causal_lm":
-            rows = _preference_rows(Path(verdicts or ""), splits, template, tokenizer, grounded)
+            # the reranker first (on every rank: they must build the same rows), so the preference
+            # prompts hold the fact the user was shown with the answer, the reranker's best
+            reranker = _rerank(splits, base_dir, grounded, precision)
+            rows = _preference_rows(
+                Path(verdicts or ""), splits, template, tokenizer, grounded, reranker and reranker[0]
+            )
             pref = prefer(model, tokenizer, rows, cfg, preference, checkpoints, fingerprint, precision)
         if not trainer.is_world_process_zero():
             return {}
-        reranker = _rerank(splits, base_dir, grounded, precision)
+        reranker = reranker or _rerank(splits, base_dir, grounded, precision)
         history = pref.pop("history", []) if pref else []
         facts = {
             **_facts(trainer, data, wall, train_loss, val_loss),

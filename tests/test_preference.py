@@ -158,3 +158,42 @@ def test_kto_with_a_single_row_trains_nothing(tmp_path, tiny_llama):
         tmp_path / "ckpt", None, None, PreferenceConfig(method="kto"), tmp_path / "feedback.jsonl",
     )  # fmt: skip
     assert facts["preference"]["rows"] == 1 and facts["preference"]["steps"] == 0  # KTO needs ≥ 2 rows
+
+
+def test_grounded_preference_prompts_hold_the_fact_the_reranker_chose(tmp_path, tiny_llama):
+    """The prompts of a grounded run's preference rows hold what the user was shown with the answer:
+    the reranker's best fact, not BM25's."""
+    from stages.finetune import _preference_rows
+    from tagtune.config import RetrievalConfig
+    from tagtune.models import load_model
+    from tagtune.rerank import Reranker
+    from tagtune.retrieval import FactIndex, facts_from_examples
+
+    splits = make_splits(tmp_path / "data")
+    template, tok = read_template(splits), load_tokenizer(str(tiny_llama))
+    verdicts = [v for v in _verdicts(splits) if v["correction"]][:4]
+    write_jsonl(tmp_path / "feedback.jsonl", verdicts)
+    grounded = RetrievalConfig(enabled=True, k=1, rerank={"steps": 1, "candidates": 4})
+    # an untrained tiny reranker orders BM25's candidates its own (random) way
+    reranker = Reranker(load_model(str(tiny_llama)).eval(), tok, candidates=4)
+    rows = _preference_rows(tmp_path / "feedback.jsonl", splits, template, tok, grounded, reranker)
+    bm25 = _preference_rows(tmp_path / "feedback.jsonl", splits, template, tok, grounded)
+    index = FactIndex(facts_from_examples(read_jsonl(splits / "train.jsonl")))
+    plain = [hits[0].fact.text for hits in index.search([v["question"] for v in verdicts], 1)]
+    index.reranker = reranker
+    shown = [hits[0].fact.text for hits in index.search([v["question"] for v in verdicts], 1)]
+    assert shown != plain  # the test means something: the reranker changed some first fact
+    for v, row, fact in zip(verdicts, rows.dpo, shown, strict=True):
+        assert row["prompt"] == render_pair(v["question"], v["correction"], template, tok, [fact])[0]
+    assert [r["prompt"] for r in bm25.dpo] == [
+        render_pair(v["question"], v["correction"], template, tok, [first])[0]
+        for v, first in zip(verdicts, plain, strict=True)
+    ]
+    # finetune trains that reranker before the preference phase, and writes it once, beside the model
+    grounded = grounded.model_copy(update={"rerank": grounded.rerank.model_copy(update={"steps": 2})})
+    facts = finetune(
+        splits, tmp_path / "out", FinetuneConfig(**SFT), ModelConfig(base=str(tiny_llama)), tmp_path / "ckpt",
+        None, grounded, PreferenceConfig(method="dpo", steps=2), tmp_path / "feedback.jsonl",
+    )  # fmt: skip
+    assert facts["preference"]["pairs"] == 4 and facts["preference"]["steps"] == 2
+    assert facts["reranker"]["steps"] == 2 and (tmp_path / "out" / "reranker" / "reranker.json").is_file()
