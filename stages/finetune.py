@@ -410,6 +410,25 @@ def _preference_rows(
     return preference_rows(verdicts, template, _held_out_questions(splits), tokenizer, contexts)
 
 
+def _preference_phase(
+    model: Any, tokenizer: Any, splits: Path, template: dict, cfg: FinetuneConfig, pcfg: PreferenceConfig | None,
+    verdicts: Path, grounded: RetrievalConfig | None, run: tuple[str, Path, str, str],
+) -> tuple[dict[str, Any] | None, tuple[Any, dict] | None]:  # fmt: skip
+    """(`prefer`'s facts, the reranker of a grounded run or None) after SFT; (None, None) when the
+    `preference:` section asks for none (or the task is classification).
+
+    The reranker is trained first (on every rank: they must build the same rows), so the preference
+    prompts hold the fact the user was shown with the answer: the reranker's best.
+    `run`: (base model dir, checkpoints dir, SFT's fingerprint, precision).
+    """
+    if pcfg is None or pcfg.method == "none" or cfg.task != "causal_lm":
+        return None, None
+    base_dir, checkpoints, fingerprint, precision = run
+    reranker = _rerank(splits, base_dir, grounded, precision)
+    rows = _preference_rows(verdicts, splits, template, tokenizer, grounded, reranker and reranker[0])
+    return prefer(model, tokenizer, rows, cfg, pcfg, checkpoints, fingerprint, precision), reranker
+
+
 def _preference_args(cfg: FinetuneConfig, pcfg: PreferenceConfig, ckpt: Path, precision: str) -> dict:
     """SFT's TrainingArguments keywords with the `preference:` section's schedule."""
     return {
@@ -1195,15 +1214,10 @@ def finetune(
         if run_id and trainer.is_world_process_zero():
             _tracking().log_text(mlflow_cfg, run_id, audit, f"finetune/{AUDIT_FILE}")
         train_loss, val_loss, wall = _sft(trainer, resume, finished, bool(data.val), cfg)
-        pref, reranker = None, None
-        if preference is not None and preference.method != "none" and cfg.task == "causal_lm":
-            # the reranker first (on every rank: they must build the same rows), so the preference
-            # prompts hold the fact the user was shown with the answer, the reranker's best
-            reranker = _rerank(splits, base_dir, grounded, precision)
-            rows = _preference_rows(
-                Path(verdicts or ""), splits, template, tokenizer, grounded, reranker and reranker[0]
-            )
-            pref = prefer(model, tokenizer, rows, cfg, preference, checkpoints, fingerprint, precision)
+        pref, reranker = _preference_phase(
+            model, tokenizer, splits, template, cfg, preference, Path(verdicts or ""), grounded,
+            (base_dir, checkpoints, fingerprint, precision),
+        )  # fmt: skip
         if not trainer.is_world_process_zero():
             return {}
         reranker = reranker or _rerank(splits, base_dir, grounded, precision)

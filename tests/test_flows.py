@@ -167,18 +167,18 @@ def test_overrides_are_written_into_params_yaml_with_comments_kept(tmp_path):
     src = Path(__file__).resolve().parents[1] / "params.yaml"
     params = tmp_path / "params.yaml"
     params.write_text(src.read_text())
-    changed = write_overrides(params, ["finetune.max_steps=50", "split.seed=7", "finetune.lora.r=8"])
+    changed = write_overrides(params, ["finetune.max_steps=40", "split.seed=7", "finetune.lora.r=8"])
     assert changed == ["finetune.max_steps", "split.seed", "finetune.lora.r"]
     text = params.read_text()
     changed_lines = [
         (a, b) for a, b in zip(src.read_text().splitlines(), text.splitlines(), strict=True) if a != b
     ]
-    expected = ("seed: 7", "lora: {r: 8,", "max_steps: 50")  # only the overridden lines change
+    expected = ("seed: 7", "lora: {r: 8,", "max_steps: 40")  # only the overridden lines change
     assert len(changed_lines) == 3, changed_lines
     assert all(b.strip().startswith(e) for (_, b), e in zip(changed_lines, expected, strict=True))
     assert "# tagtune pipeline parameters" in text and "# SmolLM2-135M-Instruct" in text
     p = yaml.safe_load(text)
-    assert p["finetune"]["max_steps"] == 50 and p["split"]["seed"] == 7 and p["finetune"]["lora"]["r"] == 8
+    assert p["finetune"]["max_steps"] == 40 and p["split"]["seed"] == 7 and p["finetune"]["lora"]["r"] == 8
     assert write_overrides(params, ["split.seed=7"]) == []  # already so: file untouched
 
 

@@ -12,6 +12,7 @@ the source of each answer (`Reply.sources`, `last_sources` after `stream`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,10 @@ class Chatbot:
     def too_long(self, question: str, gen: GenerationConfig) -> str | None:
         """Why `question` cannot be answered whole (prompt + max_new_tokens past the context), else None.
 
-        A grounded prompt is measured with the index's `retrieval_k` longest facts in it: an upper bound
-        known before retrieval (which facts come is known only after reranking, ~1 s).
+        A grounded prompt is measured with the index's `retrieval_k` longest facts in it, the longest it
+        can be, known before retrieval (which facts come is known only after reranking, ~0.25 s).
         """
-        context = self._longest_facts() if self.index is not None else None
+        context = self._longest_facts if self.index is not None else None
         prompt = render_prompt(question, self.template, self.tokenizer, context)
         n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if self.context is not None and n + gen.max_new_tokens > self.context:
@@ -135,10 +136,10 @@ class Chatbot:
             )
         return None
 
+    @cached_property
     def _longest_facts(self) -> list[str]:
-        if not hasattr(self, "_longest"):
-            self._longest = sorted((f.text for f in self.index.facts), key=len)[-self._k :]
-        return self._longest
+        """The index's `retrieval_k` longest facts (by characters): the longest fact block a prompt gets."""
+        return sorted((f.text for f in self.index.facts), key=len)[-self._k :]
 
     @property
     def _k(self) -> int:
