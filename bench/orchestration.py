@@ -16,7 +16,7 @@ DVC hashes. The arms alternate flow/direct/flow/direct, each a child process tim
 
 overhead = median(flow) − median(direct), a fixed cost per run (server start, DVC hashing, a few
 MLflow calls; step metrics go out in batches); the Prefect server's start is read off the flow's
-log. The default run (`finetune.max_steps` = 300) is estimated as the direct run plus the missing
+log. The default run (params.yaml's `finetune.max_steps`) is estimated as the direct run plus the missing
 steps at the measured steady-state step time (tokens per step ÷ the stage's loss.csv tokens/s);
 evaluation on the full test split is *not* added, so the default run is underestimated and the
 reported share is an upper bound.

@@ -62,6 +62,7 @@ from tagtune.encoding import (
 from tagtune.errors import ConfigError, DataError, TagtuneError
 from tagtune.grounding import training_segments
 from tagtune.io import atomic_path, check_replaceable, read_jsonl, write_json
+from tagtune.models import cpu_has_bf16
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
 from tagtune.text import normalize, stable_hash
@@ -76,15 +77,6 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------ hardware
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str, method: str = "lora") -> str:
     """`auto` → bf16 where it is faster, else fp32 (fp16 only when asked).
 

@@ -189,6 +189,38 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def emulates_half() -> bool:
+    """True where bf16/fp16 weights would run emulated: on a CPU without native bf16 matmuls.
+
+    Why it matters: PyTorch's CPU bf16 matmul without AVX512-BF16/AMX is a slow fallback — measured
+    0.6 GFLOP/s against fp32's 39 on a 2-core AMD EPYC with AVX2 only (1024² matmuls, 2026-12-02), so
+    a model held in bf16 there generates and trains ~65x slower than in fp32.
+    """
+    import torch
+
+    return not torch.cuda.is_available() and not cpu_has_bf16()
+
+
+def runnable(model: Any) -> Any:
+    """`model` upcast to fp32 where its bf16/fp16 weights would run emulated (`emulates_half`), else
+    as it is. Upcasting keeps every weight's value exactly (a bf16 merge stays the same model); only
+    the arithmetic becomes fp32."""
+    import torch
+
+    if emulates_half() and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        return model.float()
+    return model
+
+
 def load_model(
     model_dir: str,
     task: str = "causal_lm",
@@ -204,6 +236,12 @@ def load_model(
     common = dict(trust_remote_code=False, use_safetensors=None if allow_pickle else True, **kwargs)
     if dtype is not None:
         common["dtype"] = dtype
+    elif emulates_half():
+        # transformers 5 loads a checkpoint in its stored dtype (most hub models and tagtune's own
+        # full/freeze versions: bf16), which such a CPU runs emulated (`emulates_half`)
+        import torch
+
+        common["dtype"] = torch.float32
     try:
         if task == "classification":
             if num_labels is not None:  # a saved classifier already knows its labels
@@ -413,7 +451,7 @@ def load_found(root: Path, task: str = "causal_lm"):
     if base.get_input_embeddings().weight.shape[0] != len(tok):
         base.resize_token_embeddings(len(tok))  # tag tokens added as special tokens
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    return model.to(default_device()).eval(), tok
+    return runnable(model).to(default_device()).eval(), tok
 
 
 def _adapter_base(root: Path) -> tuple[str, list[str] | None, str | None]:

@@ -97,8 +97,10 @@ class Reranker:
         `layers` blocks as in training), merged."""
         from peft import PeftModel
 
+        from tagtune.models import runnable
+
         model = PeftModel.from_pretrained(truncate(base, layers), str(directory)).merge_and_unload()
-        return cls(model.eval(), tokenizer, candidates)
+        return cls(runnable(model).eval(), tokenizer, candidates)
 
 
 def truncate(model: Any, layers: int) -> Any:

@@ -30,7 +30,9 @@ from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
 # a question the data does not answer (not in its out-of-domain list either): the user teaches a new fact
 QUESTION, CORRECTION = "Is there a bus to the beach?", "Yes, bus 7 goes to the beach every hour."
-pytestmark = [pytest.mark.integration, pytest.mark.real_model]
+# the deadlines below only catch a hang: a 2-core CPU without bf16 trains the real model ~6x slower than
+# one with AVX512-BF16 (README: Benchmarks), and a scheduled run then takes minutes
+pytestmark = [pytest.mark.integration, pytest.mark.real_model, pytest.mark.timeout(2700)]
 
 
 def _real_workspace(root: Path) -> Path:
@@ -100,7 +102,7 @@ def test_a_correction_in_the_ui_becomes_the_next_champions_answer(tmp_path, brow
         try:
             dep = wait_for(lambda: deployment(api), 120, "the retrain deployment", served)["id"]
             # the first scheduled run trains v1 (no champion yet: it becomes the champion)
-            wait_for(lambda: _summaries(api, dep), 400, "the first scheduled run", served)
+            wait_for(lambda: _summaries(api, dep), 900, "the first scheduled run", served)
             assert tagtune(ws, "show").returncode == 0
 
             port = free_port()
@@ -118,7 +120,7 @@ def test_a_correction_in_the_ui_becomes_the_next_champions_answer(tmp_path, brow
             given = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
             # the next scheduled run that starts after the verdict retrains on it
-            retrained = wait_for(lambda: _completed_after(api, dep, given), 400, "the retrain", served)[0]
+            retrained = wait_for(lambda: _completed_after(api, dep, given), 900, "the retrain", served)[0]
             registered = json.loads((ws / "reports" / "register" / "register.json").read_text())
             assert re.search(r"; [1-9]\d* training steps", retrained[1]), retrained[1]
             assert registered["alias"] == "champion", registered["reason"]
@@ -128,7 +130,7 @@ def test_a_correction_in_the_ui_becomes_the_next_champions_answer(tmp_path, brow
 
             # and the one after it, with nothing new, trains nothing
             after = retrained[0]["start_time"]
-            idle = wait_for(lambda: _completed_after(api, dep, after), 200, "an idle scheduled run", served)[
+            idle = wait_for(lambda: _completed_after(api, dep, after), 600, "an idle scheduled run", served)[
                 0
             ]
             assert "nothing changed since the last run: 0 training steps" in idle[1]

@@ -47,8 +47,12 @@ AliasOpt = Annotated[str | None, typer.Option("--alias", help="registry alias (d
 
 
 def _offline_defaults() -> None:
-    """No telemetry from the local Prefect server or Gradio (tagtune runs offline)."""
+    """No telemetry from the local Prefect server or Gradio (tagtune runs offline); time for the
+    ephemeral Prefect API to start on a slow or busy machine."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's default 20 s ran out on a loaded 2-core machine (`tagtune run` failed with "Timed out
+    # while attempting to connect to ephemeral Prefect API server"); a healthy start takes ~10 s there
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
