@@ -62,7 +62,7 @@ from tagtune.encoding import (
 from tagtune.errors import ConfigError, DataError, TagtuneError
 from tagtune.grounding import training_segments
 from tagtune.io import atomic_path, check_replaceable, read_jsonl, write_json
-from tagtune.models import cpu_has_bf16
+from tagtune.models import cpu_has_bf16, emulates_half
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
 from tagtune.text import normalize, stable_hash
@@ -87,6 +87,13 @@ def resolve_precision(precision: str, method: str = "lora") -> str:
     import torch
 
     if precision != "auto":
+        if precision in ("bf16", "fp16") and emulates_half():
+            print(
+                f"tagtune finetune: warning: finetune.precision: {precision} on a CPU without native bf16 "
+                "(AVX512-BF16/AMX) runs emulated, far slower than fp32 (README: Benchmarks); "
+                "`auto` picks fp32 here",
+                file=sys.stderr,
+            )
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -47,3 +47,19 @@ def test_runnable_upcasts_a_merged_half_model_exactly_and_leaves_fp32_alone(bf16
     assert models.runnable(fp32) is fp32
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     assert models.runnable(models.load_model(str(bf16_dir), dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_auto_precision_and_a_warning_for_half_precision_where_the_cpu_would_emulate_it(monkeypatch, capsys):
+    import torch
+
+    from stages import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native in (False, True):
+        monkeypatch.setattr(finetune, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(finetune, "emulates_half", lambda native=native: not native)
+        assert finetune.resolve_precision("auto", "lora") == ("bf16" if native else "fp32")
+        assert finetune.resolve_precision("auto", "full") == "fp32"
+        assert capsys.readouterr().err == ""
+        assert finetune.resolve_precision("bf16", "lora") == "bf16"  # asked for: kept, but said
+        assert ("runs emulated" in capsys.readouterr().err) != native
