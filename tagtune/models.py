@@ -202,8 +202,8 @@ def emulates_half() -> bool:
     """True where bf16/fp16 weights would run emulated: on a CPU without native bf16 matmuls.
 
     Why it matters: PyTorch's CPU bf16 matmul without AVX512-BF16/AMX is a slow fallback — measured
-    0.6 GFLOP/s against fp32's 39 on a 2-core AMD EPYC with AVX2 only (1024² matmuls, 2026-12-02), so
-    a model held in bf16 there generates and trains ~65x slower than in fp32.
+    0.8 GFLOP/s against fp32's 124 on a quiet 2-core AMD EPYC with AVX2 only (1024² matmuls, 2 threads,
+    2026-12-02), so a model held in bf16 there runs its matmuls ~150x slower than in fp32.
     """
     import torch
 
