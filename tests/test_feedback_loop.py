@@ -30,8 +30,8 @@ from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
 # a question the data does not answer (not in its out-of-domain list either): the user teaches a new fact
 QUESTION, CORRECTION = "Is there a bus to the beach?", "Yes, bus 7 goes to the beach every hour."
-# the deadlines below only catch a hang: a 2-core CPU without bf16 trains the real model ~6x slower than
-# one with AVX512-BF16 (README: Benchmarks), and a scheduled run then takes minutes
+# the deadlines below only catch a hang: a 2-core CPU without bf16 trains the real model ~5x slower than
+# one with AVX512-BF16 (152 vs 775 tokens/s, README: Benchmarks), and a scheduled run then takes minutes
 pytestmark = [pytest.mark.integration, pytest.mark.real_model, pytest.mark.timeout(2700)]
 
 
