@@ -254,6 +254,8 @@ class RerankConfig(_Section):
     candidates: Annotated[Int, Field(ge=2, le=64)] = 8  # BM25's top-N it reorders
     negatives: Annotated[Int, Field(ge=1, le=63)] = 3  # BM25's hard negatives per training question
     layers: Annotated[Int, Field(ge=0)] = 0  # the base model's first N blocks (0 = all): 15 costs half
+    # LoRA on the last N of those blocks only (0 = all): backpropagation stops at the first adapted one
+    adapt_layers: Annotated[Int, Field(ge=0)] = 0
     batch_questions: Annotated[Int, Field(gt=0)] = 4  # questions per step (each with its candidates)
     learning_rate: Annotated[Float, Field(gt=0)] = 5e-4
     lora_r: Annotated[Int, Field(gt=0)] = 16

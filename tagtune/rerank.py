@@ -109,16 +109,38 @@ def truncate(model: Any, layers: int) -> Any:
     Why: a cheaper reranker, in training and at every question asked. Measured (README: what was
     tried): SmolLM2's first 15 of 30 blocks cost half and ranked a few points below all of them.
     """
-    import torch
-
     n = model.config.num_hidden_layers
     if not 0 < layers < n:
         return model
-    name = next(k for k, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
-    parent, _, attr = name.rpartition(".")
+    parent, _, attr = _blocks_name(model).rpartition(".")
     setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(parent), attr)[:layers])
     model.config.num_hidden_layers = layers
     return model
+
+
+def _blocks_name(model: Any) -> str:
+    """The module name of `model`'s transformer block list (the ModuleList as long as its layer count)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    return next(k for k, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+
+def _adapted(model: Any, top: int) -> str | list[str]:
+    """LoRA's targets: every linear layer of the blocks ("all-linear"), or of the last `top` blocks only.
+
+    Why: activations below the first adapted block need no gradient, so the backward pass (2/3 of a
+    step's FLOPs) stops there. peft's `layers_to_transform` refuses "all-linear", hence full names.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    n = model.config.num_hidden_layers
+    if not 0 < top < n:
+        return "all-linear"
+    prefixes = tuple(f"{_blocks_name(model)}.{i}." for i in range(n - top, n))
+    linear = (torch.nn.Linear, Conv1D)
+    return [k for k, m in model.named_modules() if isinstance(m, linear) and k.startswith(prefixes)]
 
 
 def attach(index: FactIndex | None, root: str | Path, candidates: int | None = None) -> FactIndex | None:
@@ -180,9 +202,10 @@ def train_reranker(
     torch.manual_seed(seed)
     index = FactIndex(facts_from_examples(examples))
     lists = training_lists(examples, index, cfg.negatives, gold_absent, seed)
+    base = truncate(base, cfg.layers)
     model = get_peft_model(
-        truncate(base, cfg.layers),
-        LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules="all-linear"),
+        base,
+        LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=_adapted(base, cfg.adapt_layers)),
     )
     reranker = Reranker(model, tokenizer, cfg.candidates)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -204,7 +227,7 @@ def train_reranker(
             raise FloatingPointError(f"reranker loss is not finite at step {len(losses)}")
     model.eval()
     facts = {"steps": cfg.steps, "lists": len(lists), "candidates": cfg.candidates, "layers": cfg.layers,
-             "negatives": cfg.negatives,
+             "adapt_layers": cfg.adapt_layers, "negatives": cfg.negatives,
              "loss_first": round(losses[0], 4) if losses else None,
              "loss_last": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
              "wall_time_s": round(time.perf_counter() - start, 1)}  # fmt: skip

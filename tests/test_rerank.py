@@ -91,6 +91,40 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     assert attach(FactIndex(facts_from_examples(train)), tmp_path).reranker is None  # none there: BM25
 
 
+def test_a_reranker_adapting_its_last_blocks_only_trains_them_and_loads_as_trained(tmp_path, tiny_llama):
+    """`adapt_layers: 1`: adapters on the last of the two blocks; nothing below it gets a gradient
+    (backpropagation stops there), and attach scores with the adapter as trained."""
+    import torch
+
+    splits = make_splits(tmp_path / "d", rows=qa_rows(n_facts=6))
+    train = read_jsonl(splits / "train.jsonl")
+    cfg = RerankConfig(steps=3, candidates=4, negatives=3, adapt_layers=1, batch_questions=8)
+    base, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
+    reranker, facts = train_reranker(train, base, tok, cfg, gold_absent=0.2, seed=0)
+    adapted = {n for n, p in reranker.model.named_parameters() if p.requires_grad}
+    assert adapted and all(".layers.1." in n for n in adapted) and facts["adapt_layers"] == 1
+    # what enters the last block carries no graph: a score's backward stops there
+    needs_grad = []
+    last = reranker.model.get_decoder().layers[1]
+    hook = last.register_forward_pre_hook(
+        lambda m, args, kwargs: needs_grad.append((args or [kwargs.get("hidden_states")])[0].requires_grad),
+        with_kwargs=True,
+    )
+    score = reranker._logits([(ex["question"], ex["reference"]) for ex in train[:2]])
+    hook.remove()
+    assert needs_grad == [False] and score.requires_grad
+
+    out = tmp_path / "out"
+    grounded = RetrievalConfig(enabled=True, k=2, rerank=cfg)
+    finetune(splits, out, FinetuneConfig(**SFT, max_length=160), ModelConfig(base=str(tiny_llama)),
+             tmp_path / "ckpt", None, grounded)  # fmt: skip
+    index = attach(FactIndex(facts_from_examples(train)), out)
+    again, _ = train_reranker(train, load_model(str(tiny_llama)), tok, cfg, gold_absent=0.2, seed=0)
+    pairs = [(ex["question"], ex["reference"]) for ex in train[:6]]
+    with torch.no_grad():
+        assert index.reranker.scores(pairs) == pytest.approx(again.scores(pairs), abs=1e-3)
+
+
 def _chat_streams_what_reply_answers(model, tok, template, index, questions, replies):
     """Chat streams a reranked answer (refused or not before generating) with reply's text and sources;
     its length check counts the facts the prompt may hold."""
