@@ -94,8 +94,6 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
 def test_a_reranker_adapting_its_last_blocks_only_trains_them_and_loads_as_trained(tmp_path, tiny_llama):
     """`adapt_layers: 1`: adapters on the last of the two blocks; nothing below it gets a gradient
     (backpropagation stops there), and attach scores with the adapter as trained."""
-    import torch
-
     splits = make_splits(tmp_path / "d", rows=qa_rows(n_facts=6))
     train = read_jsonl(splits / "train.jsonl")
     cfg = RerankConfig(steps=3, candidates=4, negatives=3, adapt_layers=1, batch_questions=8)
@@ -119,10 +117,8 @@ def test_a_reranker_adapting_its_last_blocks_only_trains_them_and_loads_as_train
     finetune(splits, out, FinetuneConfig(**SFT, max_length=160), ModelConfig(base=str(tiny_llama)),
              tmp_path / "ckpt", None, grounded)  # fmt: skip
     index = attach(FactIndex(facts_from_examples(train)), out)
-    again, _ = train_reranker(train, load_model(str(tiny_llama)), tok, cfg, gold_absent=0.2, seed=0)
-    pairs = [(ex["question"], ex["reference"]) for ex in train[:6]]
-    with torch.no_grad():
-        assert index.reranker.scores(pairs) == pytest.approx(again.scores(pairs), abs=1e-3)
+    pairs = [(ex["question"], ex["reference"]) for ex in train[:6]]  # finetune trained the same one
+    assert index.reranker.scores(pairs) == pytest.approx(reranker.scores(pairs), abs=1e-3)
 
 
 def _chat_streams_what_reply_answers(model, tok, template, index, questions, replies):
