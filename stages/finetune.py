@@ -785,10 +785,16 @@ def _build_model(
 
 
 def _attention_kernel(cfg: FinetuneConfig) -> contextlib.AbstractContextManager:
-    """The SDPA kernel training runs under (`finetune.attention_kernel`: tagtune.models.attention_kernel)."""
-    from tagtune.models import attention_kernel
+    """The SDPA kernel training runs under (`finetune.attention_kernel`). auto = math on CPU for
+    padded batches, whose rows are one short example each; PyTorch's own choice on GPUs and for
+    packed rows (max_length wide: there math's [seq x seq] scores cost more than flash, measured)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return attention_kernel(cfg.attention_kernel, cfg.packing)
+    kernel = cfg.attention_kernel
+    if kernel == "auto":
+        kernel = "default" if torch.cuda.is_available() or cfg.packing else "math"
+    return sdpa_kernel([SDPBackend.MATH]) if kernel == "math" else contextlib.nullcontext()
 
 
 def _training_args(cfg: FinetuneConfig, checkpoints: Path, precision: str):

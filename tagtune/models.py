@@ -210,21 +210,6 @@ def emulates_half() -> bool:
     return not torch.cuda.is_available() and not cpu_has_bf16()
 
 
-def attention_kernel(kernel: str = "auto", packed: bool = False) -> Any:
-    """A context manager: the SDPA kernel to train and score under. auto = the math kernel on CPU for
-    padded batches, whose rows are one short example each (1.1-1.3x faster steps than the CPU flash
-    kernel here, whose backward was 17% of a LoRA step: README, Benchmarks); PyTorch's own choice on
-    GPUs and for packed rows (max_length wide: there math's [seq x seq] scores cost more, measured)."""
-    import contextlib
-
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if kernel == "auto":
-        kernel = "default" if torch.cuda.is_available() or packed else "math"
-    return sdpa_kernel([SDPBackend.MATH]) if kernel == "math" else contextlib.nullcontext()
-
-
 def runnable(model: Any) -> Any:
     """`model` upcast to fp32 where its bf16/fp16 weights would run emulated (`emulates_half`), else
     as it is. Upcasting keeps every weight's value exactly (a bf16 merge stays the same model); only

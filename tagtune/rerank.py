@@ -199,8 +199,6 @@ def train_reranker(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tagtune.models import attention_kernel
-
     torch.manual_seed(seed)
     index = FactIndex(facts_from_examples(examples))
     lists = training_lists(examples, index, cfg.negatives, gold_absent, seed)
@@ -210,14 +208,12 @@ def train_reranker(
         LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=_adapted(base, cfg.adapt_layers)),
     )
     reranker = Reranker(model, tokenizer, cfg.candidates)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=model.device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     rng, losses, start = random.Random(seed), [], time.perf_counter()
     model.train()
     for _ in range(cfg.steps):
         batch = rng.sample(lists, min(cfg.batch_questions, len(lists)))
-        with attention_kernel():  # SDPA's math kernel on CPU, as SFT trains (1.16x faster steps here)
-            scores = reranker._logits([(q, f) for q, facts, _ in batch for f in facts])
+        scores = reranker._logits([(q, f) for q, facts, _ in batch for f in facts])
         loss, at = 0.0, 0
         for _, facts, target in batch:  # lists differ in length when the index is small
             row = torch.cat([torch.zeros(1), scores[at : at + len(facts)]])  # the null option at 0

@@ -121,25 +121,6 @@ def test_a_reranker_adapting_its_last_blocks_only_trains_them_and_loads_as_train
     assert index.reranker.scores(pairs) == pytest.approx(reranker.scores(pairs), abs=1e-3)
 
 
-def test_a_bf16_base_reranker_trains_under_sdpas_math_kernel(tmp_path, tiny_llama):
-    """On a bf16 base (finetune's precision bf16) the reranker trains as SFT does on CPU: under SDPA's
-    math kernel (faster on these short padded rows), its adapters in fp32 — and it learns its lists."""
-    import torch
-
-    train = read_jsonl(make_splits(tmp_path / "d", rows=qa_rows(n_facts=6)) / "train.jsonl")
-    cfg = RerankConfig(steps=40, candidates=4, negatives=3, layers=1, batch_questions=64, learning_rate=3e-3)
-    base, tok = load_model(str(tiny_llama), dtype=torch.bfloat16), load_tokenizer(str(tiny_llama))
-    flash = []
-    base.get_decoder().layers[0].register_forward_hook(
-        lambda *_: flash.append(torch.backends.cuda.flash_sdp_enabled())
-    )
-    reranker, facts = train_reranker(train, base, tok, cfg, gold_absent=0.2, seed=0)
-    assert facts["loss_last"] < facts["loss_first"], facts
-    assert len(flash) == 40 and set(flash) == {torch.cuda.is_available()}  # math only, on CPU
-    adapters = [p for p in reranker.model.parameters() if p.requires_grad]
-    assert adapters and {p.dtype for p in adapters} == {torch.float32}
-
-
 def _chat_streams_what_reply_answers(model, tok, template, index, questions, replies):
     """Chat streams a reranked answer (refused or not before generating) with reply's text and sources;
     its length check counts the facts the prompt may hold."""
