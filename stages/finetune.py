@@ -62,7 +62,7 @@ from tagtune.encoding import (
 from tagtune.errors import ConfigError, DataError, TagtuneError
 from tagtune.grounding import training_segments
 from tagtune.io import atomic_path, check_replaceable, read_jsonl, write_json
-from tagtune.models import cpu_has_bf16, emulates_half
+from tagtune.models import block_list_name, cpu_has_bf16, emulates_half
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, write_template
 from tagtune.text import normalize, stable_hash
@@ -101,20 +101,6 @@ def resolve_precision(precision: str, method: str = "lora") -> str:
 
 
 # ------------------------------------------------------------------------------------------- model
-def _blocks(model: Any):
-    """The transformer block list of Llama-, GPT-2- and GPT-Neo-style models."""
-    base = getattr(model, "base_model", model)
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h"):
-        obj = base
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if obj is not None and hasattr(obj, "__len__"):
-            return obj
-    raise TagtuneError(f"finetune.method=freeze: cannot find transformer blocks in {type(model).__name__}")
-
-
 def prepare_model(model: Any, cfg: FinetuneConfig, new_token_ids: list[int]) -> Any:
     """Apply the training method: wrap with LoRA, freeze all but the last N blocks, or train all."""
     if cfg.method == "lora":
@@ -131,7 +117,7 @@ def prepare_model(model: Any, cfg: FinetuneConfig, new_token_ids: list[int]) -> 
         )
         return get_peft_model(model, lcfg)
     if cfg.method == "freeze":
-        blocks = _blocks(model)
+        blocks = model.get_submodule(block_list_name(model))
         if cfg.trainable_layers > len(blocks):
             raise TagtuneError(
                 f"finetune.trainable_layers must be <= {len(blocks)} (the model's blocks), got {cfg.trainable_layers}"
@@ -779,7 +765,7 @@ def _build_model(
 
         set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
     if cfg.compile:  # per block: the 30 identical blocks share one compiled graph (compile time ~ 1 block)
-        for block in _blocks(model.get_base_model() if hasattr(model, "get_base_model") else model):
+        for block in model.get_submodule(block_list_name(model)):
             block.compile()
     return model
 

@@ -221,6 +221,23 @@ def runnable(model: Any) -> Any:
     return model
 
 
+def block_list_name(model: Any) -> str:
+    """The module name of `model`'s transformer block list: the ModuleList as long as its layer count.
+
+    Why by length rather than by known attribute paths (model.layers, transformer.h, ...): it finds
+    the blocks of any architecture transformers configures with `num_hidden_layers`, and of the same
+    model wrapped by peft (the name then carries peft's prefix).
+    """
+    import torch
+
+    n = model.config.num_hidden_layers
+    names = (k for k, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+    name = next(names, None)
+    if name is None:
+        raise TagtuneError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return name
+
+
 def load_model(
     model_dir: str,
     task: str = "causal_lm",

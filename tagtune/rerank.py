@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tagtune.models import RERANKER_DIR  # in finetune's output and in a registered version's artifacts
+from tagtune.models import RERANKER_DIR, block_list_name  # RERANKER_DIR: in finetune output and versions
 from tagtune.retrieval import FactIndex, Hit, facts_from_examples
 from tagtune.text import normalize
 
@@ -112,18 +112,10 @@ def truncate(model: Any, layers: int) -> Any:
     n = model.config.num_hidden_layers
     if not 0 < layers < n:
         return model
-    parent, _, attr = _blocks_name(model).rpartition(".")
+    parent, _, attr = block_list_name(model).rpartition(".")
     setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(parent), attr)[:layers])
     model.config.num_hidden_layers = layers
     return model
-
-
-def _blocks_name(model: Any) -> str:
-    """The module name of `model`'s transformer block list (the ModuleList as long as its layer count)."""
-    import torch
-
-    n = model.config.num_hidden_layers
-    return next(k for k, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 
 
 def _adapted(model: Any, top: int) -> str | list[str]:
@@ -138,7 +130,7 @@ def _adapted(model: Any, top: int) -> str | list[str]:
     n = model.config.num_hidden_layers
     if not 0 < top < n:
         return "all-linear"
-    prefixes = tuple(f"{_blocks_name(model)}.{i}." for i in range(n - top, n))
+    prefixes = tuple(f"{block_list_name(model)}.{i}." for i in range(n - top, n))
     linear = (torch.nn.Linear, Conv1D)
     return [k for k, m in model.named_modules() if isinstance(m, linear) and k.startswith(prefixes)]
 
