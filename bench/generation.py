@@ -111,6 +111,31 @@ def compare(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker, bs:
     }
 
 
+def held_transposed(
+    model_dir: str, tokenizer: Any, prompts: list[str], gen, end_marker, bs: int, repeats: int
+) -> dict:
+    """Batched answers with the fp32 weights as stored vs held transposed (`answering`), alternating."""
+    from tagtune.generation import generate_answers
+    from tagtune.models import answering, load_model
+
+    stored, held = load_model(model_dir).eval(), answering(load_model(model_dir).eval())
+    runs: dict[str, list[float]] = {"stored": [], "held": []}
+    texts: dict[str, list[str]] = {}
+    for _ in range(repeats):
+        for name, model in (("stored", stored), ("held", held)):
+            t = time.perf_counter()
+            answers = generate_answers(model, tokenizer, prompts, gen, end_marker, bs)
+            runs[name].append(sum(a.new_tokens for a in answers) / (time.perf_counter() - t))
+            texts[name] = [a.text for a in answers]
+    same = sum(a == b for a, b in zip(texts["stored"], texts["held"], strict=True)) / len(prompts)
+    return {"held_transposed_tokens_per_s": round(median(runs["held"]), 2),
+            "stored_layout_tokens_per_s": round(median(runs["stored"]), 2),
+            "held_transposed_ratio": round(median(runs["held"]) / median(runs["stored"]), 2),
+            "held_transposed_pair_ratios": [round(h / s, 2) for h, s in zip(runs["held"], runs["stored"], strict=True)],
+            "held_transposed_same_answers": round(same, 3),
+            "met_held_transposed": same == 1.0 and median(runs["held"]) > median(runs["stored"])}  # fmt: skip
+
+
 def first_token(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker: str | None) -> dict:
     """Chat's first streamed piece vs the floor (one forward pass over the prompt), alternating."""
     import torch
@@ -194,7 +219,7 @@ def run(
 
     from stages.finetune import cpu_has_bf16
     from tagtune.io import read_jsonl
-    from tagtune.models import load_model, load_tokenizer
+    from tagtune.models import answering, load_model, load_tokenizer
     from tagtune.templates import read_template
 
     params = default_params()
@@ -209,17 +234,20 @@ def run(
         end_marker = template.get("end_marker")
         train = read_jsonl(splits / "train.jsonl")
     model_dir = base_dir(base)
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
     prompts, bs = [r["prompt"] for r in rows], params.evaluate.batch_size
     arms: dict[str, dict[str, Any]] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if name == "bf16" and not cpu_has_bf16():
             continue
-        model = model.to(dtype)
+        # a fresh copy per precision, held as evaluate, chat and serving hold it (`answering`)
+        model = answering(load_model(model_dir).to(dtype).eval())
         arm = compare(model, tokenizer, prompts, gen, end_marker, bs, repeats)
         arm.update(first_token(model, tokenizer, prompts[:FIRST_TOKEN_QUESTIONS], gen, end_marker))
         asked = [r["question"] for r in rows[:FIRST_TOKEN_QUESTIONS]]
         arm.update(grounded_first_token(model, tokenizer, template, train, asked, gen, params))
+        if name == "fp32":
+            arm.update(held_transposed(model_dir, tokenizer, prompts, gen, end_marker, bs, repeats))
         if profile:
             arm.update(profile_batched(model, tokenizer, prompts, gen, end_marker, bs))
         arms[name] = arm
@@ -250,6 +278,12 @@ def summary(r: dict[str, Any]) -> str:
             f"chat first token {a['first_token_s'] * 1000:.0f} ms (floor {a['first_token_floor_s'] * 1000:.0f} ms; "
             f"grounded, reranked: {a['grounded_first_token_s'] * 1000:.0f} ms)"
         )
+        if "held_transposed_ratio" in a:
+            lines.append(
+                f"  batched, fp32 weights held transposed ({a['held_transposed_tokens_per_s']:.0f} tokens/s) vs as "
+                f"stored ({a['stored_layout_tokens_per_s']:.0f}): {a['held_transposed_ratio']:.2f}x (pairs "
+                f"{a['held_transposed_pair_ratios']}; same answers {a['held_transposed_same_answers']:.0%})"
+            )
         if "profile_top_ops" in a:
             lines.append("  batched pass (torch.profiler): " + ", ".join(
                 f"{k} {v:.0%}" for k, v in a["profile_top_ops"].items()

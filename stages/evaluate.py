@@ -594,7 +594,7 @@ def _causal_sides(
     below it become the refusal (`tuned.*`), and the metrics without abstention are kept too.
     """
     from tagtune.grounding import threshold_for
-    from tagtune.models import load_saved
+    from tagtune.models import answering, load_saved
 
     has_refusal = bool(template.get("refusal_answer")) or val is not None
     max_length = training["max_length"]  # the tokens finetune trained: perplexity measures the same
@@ -616,7 +616,7 @@ def _causal_sides(
         dtype = next(model.parameters()).dtype
         del model
         base_model, base_tok = load_saved(training["base_model_dir"])
-        base_model = base_model.to(dtype)
+        base_model = answering(base_model.to(dtype))
         base = _evaluate_causal(base_model, base_tok, rows, template, cfg, "base", max_length)
         metrics.update({f"base.{k}": v for k, v in aggregate(base, has_refusal).items()})
         table += base
@@ -673,7 +673,7 @@ def evaluate(
         EvaluationError: a metric is NaN/inf (nothing is written).
         tracking.TrackingError: MLflow unreachable (the outputs are already written).
     """
-    from tagtune.models import load_finetuned
+    from tagtune.models import answering, load_finetuned
 
     splits, finetuned, out_dir = Path(splits), Path(finetuned), Path(out_dir)
     training = read_json(finetuned / "training.json")
@@ -685,6 +685,7 @@ def evaluate(
 
     confusion = None
     model, tok = load_finetuned(finetuned, task)
+    answering(model)
     if task == "classification":
         table, metrics, confusion = _classification_sides(model, tok, rows, cfg, training, splits)
     else:

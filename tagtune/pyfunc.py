@@ -40,6 +40,7 @@ from tagtune.models import (
     BASE_FILE,
     RERANKER_DIR,
     WEIGHTS_KEY,
+    answering,
     load_found,
     verify_version_weights,
     weights_sha256,
@@ -84,6 +85,7 @@ class TagtuneModel(mlflow.pyfunc.PythonModel):
         if expected := self.config.get(WEIGHTS_KEY):  # registered with its weight hashes: serve only those
             verify_version_weights(root, expected, f"the registered model's config ({WEIGHTS_KEY})")
         self.model, self.tokenizer = load_found(root, self.task)
+        answering(self.model)
         index = context.artifacts.get(INDEX_ARTIFACT)
         self.index = attach(FactIndex.load(index), root) if index else None
 

@@ -74,6 +74,36 @@ def test_batched_answers_equal_one_generate_call_per_question(tiny, gen):
         assert [a.logprob for a in got] == pytest.approx([a.logprob for a in ref], rel=1e-5)
 
 
+def test_weights_held_transposed_answer_as_stored(tiny):
+    """`answering` changes only where fp32 weights lie in memory: same values, same answers."""
+    import torch
+
+    from tagtune.models import answering
+
+    model, tok, prompts, end = tiny["model"], tiny["tok"], tiny["prompts"], tiny["end"]
+
+    def copy(dtype):
+        fresh = type(model)(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        return fresh.to(dtype)
+
+    held = answering(copy(torch.float32))
+    linears = [m.weight for m in held.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+    stored = dict(model.named_parameters())
+    assert all(torch.equal(p, stored[n]) for n, p in held.named_parameters())
+    gen = GenerationConfig(max_new_tokens=16)
+    for batch_size in (1, len(prompts)):
+        ref = generate_answers(model, tok, prompts, gen, end, batch_size)
+        got = generate_answers(held, tok, prompts, gen, end, batch_size)
+        assert [(a.text, a.new_tokens, a.stopped) for a in got] == [
+            (a.text, a.new_tokens, a.stopped) for a in ref
+        ]
+        assert [a.logprob for a in got] == pytest.approx([a.logprob for a in ref], rel=1e-5)
+    half = answering(copy(torch.bfloat16))  # other dtypes were not measured: they stay as stored
+    assert all(m.weight.is_contiguous() for m in half.modules() if isinstance(m, torch.nn.Linear))
+
+
 def test_sampling_draws_like_generate(tiny):
     import torch
 
@@ -121,5 +151,7 @@ def test_bench_generation_reports_each_precision_and_the_first_token(tiny_llama)
         assert isinstance(a["met_first_token"], bool)
         assert sum(a["profile_top_ops"].values()) <= 1.0
     assert r["same_answers"] == 1.0  # fp32: batching changes no answer
+    assert r["held_transposed_same_answers"] == 1.0  # nor holding the weights transposed
     md = bench_run.table({"generation": r}, machine_info())
     assert md.count("| Evaluation generation") == md.count("| Chat first token") == len(arms)
+    assert md.count("| Batched generation, fp32, weights held transposed") == 1

@@ -21,7 +21,15 @@ from tagtune.errors import TagtuneError
 from tagtune.generation import Answer, generate_answers, stream_answer
 from tagtune.grounding import NOT_ASKED, Reply, asks, finish, ground, reply
 from tagtune.io import read_json
-from tagtune.models import cache_root, find_model, keep_merged, load_found, verify_model_dir, version_config
+from tagtune.models import (
+    answering,
+    cache_root,
+    find_model,
+    keep_merged,
+    load_found,
+    verify_model_dir,
+    version_config,
+)
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.rerank import attach
 from tagtune.retrieval import FACTS_FILE, FactIndex
@@ -91,7 +99,7 @@ class Chatbot:
             facts = attach(FactIndex.load(index), root)
             grounding = {"retrieval_k": training["grounded"]["k"], "abstain_threshold": threshold}
         model, tok = load_found(root)
-        return cls(model, tok, read_json(template_path), info, facts, grounding)
+        return cls(answering(model), tok, read_json(template_path), info, facts, grounding)
 
     @classmethod
     def from_uri(cls, model_uri: str, mlflow_cfg: MlflowConfig, cache_dir: str | None = None) -> Chatbot:
