@@ -164,12 +164,19 @@ def first_token(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker:
 
 
 def grounded_first_token(
-    model: Any, tokenizer: Any, template: dict, train: list[dict], questions: list[str], gen, params: Any
+    model: Any,
+    scorer: Any,
+    tokenizer: Any,
+    template: dict,
+    train: list[dict],
+    questions: list[str],
+    gen,
+    params: Any,
 ) -> dict:
     """Chat's first streamed piece for a grounded model: `Chatbot.stream` (BM25, the reranker over its
-    candidates, then the prompt with the fact). The reranker here is the same base model, untrained
-    (a trained one is the base with a merged adapter: the same cost); threshold -inf, so every
-    question streams."""
+    candidates, then the prompt with the fact). The reranker `scorer` is the base model, untrained (a
+    trained one is the base with a merged adapter: the same cost), held as `attach` holds it: its
+    weights as stored; threshold -inf, so every question streams."""
     import math
 
     from tagtune.app.chat import Chatbot
@@ -177,7 +184,7 @@ def grounded_first_token(
     from tagtune.retrieval import FactIndex, facts_from_examples
 
     index = FactIndex(facts_from_examples(train))
-    index.reranker = Reranker(model, tokenizer, params.retrieval.rerank.candidates)
+    index.reranker = Reranker(scorer, tokenizer, params.retrieval.rerank.candidates)
     grounding = {"retrieval_k": params.retrieval.k, "abstain_threshold": -math.inf}
     bot = Chatbot(model, tokenizer, template, {"source": "bench"}, index, grounding)
     firsts = []
@@ -245,7 +252,9 @@ def run(
         arm = compare(model, tokenizer, prompts, gen, end_marker, bs, repeats)
         arm.update(first_token(model, tokenizer, prompts[:FIRST_TOKEN_QUESTIONS], gen, end_marker))
         asked = [r["question"] for r in rows[:FIRST_TOKEN_QUESTIONS]]
-        arm.update(grounded_first_token(model, tokenizer, template, train, asked, gen, params))
+        scorer = load_model(model_dir).to(dtype).eval()
+        arm.update(grounded_first_token(model, scorer, tokenizer, template, train, asked, gen, params))
+        del scorer
         if name == "fp32":
             arm.update(held_transposed(model_dir, tokenizer, prompts, gen, end_marker, bs, repeats))
         if profile:
