@@ -230,15 +230,32 @@ def table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
             + ("≤ 3 s",),
         )
     rows += _limits(results)
-    m = machine
     rows.append("")
-    rows.append(
-        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads"
-        f"{', AVX512-BF16' if m.get('cpu_bf16') else ''}{', AMX' if m.get('cpu_amx') else ''}{', GPU ' + m['gpu'] if m.get('gpu') else ''}), "
-        f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
-        f"1-min load average at the start: {m.get('load_avg_1m')}."
-    )
+    rows.append(_provenance(results, machine))
     return "\n".join(rows)
+
+
+def _describe(m: dict[str, Any]) -> str:
+    return (
+        f"{m['date']} on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads"
+        f"{', AVX512-BF16' if m.get('cpu_bf16') else ''}{', AMX' if m.get('cpu_amx') else ''}"
+        f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}), torch {m['torch']}, transformers "
+        f"{m['transformers']}, Python {m['python']}; 1-min load average at the start: {m.get('load_avg_1m')}"
+    )
+
+
+def _provenance(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
+    """Where each row was measured. A partial run (`--only`) keeps the other benchmarks' rows, which
+    may come from another machine and day: the table must say so, not print one machine for all."""
+    by: dict[str, list[str]] = {}
+    for name, r in results.items():
+        by.setdefault(json.dumps(r.get("machine", machine), sort_keys=True), []).append(name)
+    if len(by) == 1:
+        return f"Measured {_describe(json.loads(next(iter(by))))}."
+    parts = [f"{', '.join(names)}: {_describe(json.loads(m))}" for m, names in by.items()]
+    return (
+        "Measured on more than one machine (a partial `bench.run --only` re-run): " + "; ".join(parts) + "."
+    )
 
 
 def _limits(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -307,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {bad}; known: {', '.join(names)}")
     machine = machine_info()
     start = time.perf_counter()
-    results = {name: run_one(name, a) for name, a in SUITE if name in only}
+    results = {name: {**run_one(name, a), "machine": machine} for name, a in SUITE if name in only}
     total = round(time.perf_counter() - start, 1)
-    if args.only and RESULTS.is_file():  # a partial run updates its rows, keeps the others
-        results = {**json.loads(RESULTS.read_text(encoding="utf-8")).get("results", {}), **results}
+    if args.only and RESULTS.is_file():  # a partial run updates its rows, keeps the others and their machine
+        old = json.loads(RESULTS.read_text(encoding="utf-8"))
+        kept = {n: {"machine": old.get("machine", machine), **r} for n, r in old.get("results", {}).items()}
+        results = {**kept, **results}
     md = table(results, machine)
     doc = {"machine": machine, "total_s": total, "results": results, "table": md}
     RESULTS.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")

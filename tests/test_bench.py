@@ -135,6 +135,18 @@ def test_readme_table_has_a_row_per_target_and_the_machine():
     assert "Packed fine-tune throughput missed" in md
 
 
+def test_a_partial_rerun_keeps_each_rows_machine():
+    """`bench.run --only X` keeps the other rows: the table must not print X's machine under them."""
+    here, there = machine_info(), {**machine_info(), "cpu": "Another CPU", "date": "2026-01-01 00:00 UTC"}
+    mem = {"bench": "memory", "method": "lora", "precision": "bf16", "peak_rss_mb": 3000.0, "met": True}
+    results = {"memory": {**mem, "machine": there}, "generation": {"bench": "generation", "machine": here}}
+    md = run.table(results, here)
+    assert "more than one machine" in md and "memory: 2026-01-01 00:00 UTC on Another CPU" in md
+    assert f"generation: {here['date']} on {here['cpu']}" in md
+    one = run.table({"memory": {**mem, "machine": here}}, here)
+    assert "more than one machine" not in one and f"Measured {here['date']} on {here['cpu']}" in one
+
+
 def _mfu(mfu: float) -> dict:
     """A bench.mfu method result as the README table reads it."""
     return {
