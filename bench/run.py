@@ -247,12 +247,13 @@ def _describe(m: dict[str, Any]) -> str:
 def _provenance(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
     """Where each row was measured. A partial run (`--only`) keeps the other benchmarks' rows, which
     may come from another machine and day: the table must say so, not print one machine for all."""
-    by: dict[str, list[str]] = {}
+    by: dict[str, tuple[dict[str, Any], list[str]]] = {}  # machine as JSON (a dict is not hashable)
     for name, r in results.items():
-        by.setdefault(json.dumps(r.get("machine", machine), sort_keys=True), []).append(name)
+        m = r.get("machine", machine)
+        by.setdefault(json.dumps(m, sort_keys=True), (m, []))[1].append(name)
     if len(by) == 1:
-        return f"Measured {_describe(json.loads(next(iter(by))))}."
-    parts = [f"{', '.join(names)}: {_describe(json.loads(m))}" for m, names in by.items()]
+        return f"Measured {_describe(next(iter(by.values()))[0])}."
+    parts = [f"{', '.join(names)}: {_describe(m)}" for m, names in by.values()]
     return (
         "Measured on more than one machine (a partial `bench.run --only` re-run): " + "; ".join(parts) + "."
     )
