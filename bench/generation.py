@@ -1,13 +1,15 @@
 """Evaluation generation: batched `generate_answers` vs one `generate` call per question; chat's first token.
 
-    python -m bench.generation [--questions 32] [--repeats 2] [--base embedded] [--profile]
+    python -m bench.generation [--questions 128] [--repeats 2] [--base embedded] [--profile]
 
-Same model (the base model), same questions (N prompts spread over the test split, rendered as
-training rendered them), same `evaluate.generation` settings (greedy, max_new_tokens), same stop rule
-(the end marker or EOS). The one-by-one arm is the usual loop: a `generate` call per question with the
-KV cache on. Both count generated tokens including the stop token, and `same_answers` is the share of
-questions whose batched answer is the one-by-one answer. The arms alternate per batch of questions
-(batched, then the same questions one by one), `repeats` passes; the ratio is of the medians.
+Same model (the base model), same questions (N prompts spread over the test and val splits, rendered
+as training rendered them), same `evaluate.generation` settings (greedy, max_new_tokens), same stop
+rule (the end marker or EOS). The batched arm is evaluate's call: `generate_answers` over the
+questions with `evaluate.batch_size` slots, waiting questions joining as answers end. The one-by-one
+arm is the usual loop: a `generate` call per question with the KV cache on. Both count generated
+tokens including the stop token, and `same_answers` is the share of questions whose batched answer is
+the one-by-one answer. The arms alternate per chunk of twice the slots (so answers that end are
+replaced, as in evaluate), `repeats` passes; the ratio is of the medians.
 
 Each figure is taken in the precisions evaluate runs models in: bf16 on CPUs with AVX512-BF16/AMX
 (the default LoRA-tuned model's frozen base trained in bf16 and is merged in bf16, and evaluate runs the
@@ -69,17 +71,17 @@ def one_by_one(
 
 
 def compare(model: Any, tokenizer: Any, prompts: list[str], gen, end_marker, bs: int, repeats: int) -> dict:
-    """Batched vs one-by-one, alternating per batch of questions, `repeats` passes."""
+    """Batched vs one-by-one, alternating per chunk of `2 * bs` questions, `repeats` passes."""
     from tagtune.generation import generate_answers
 
-    chunks = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+    chunks = [prompts[i : i + 2 * bs] for i in range(0, len(prompts), 2 * bs)]
     batched, single, same = [], [], 0
     for i in range(repeats):
-        # alternate per batch of questions (not per whole pass): this machine's speed drifts within
-        # seconds, and each arm should see the same drift
+        # alternate per chunk (not per whole pass): this machine's speed drifts within seconds, and
+        # each arm should see the same drift
         b_tok = b_wall = s_tok = s_wall = 0.0
         for j, chunk in enumerate(chunks):
-            log(f"generation {i + 1}/{repeats}, batch {j + 1}/{len(chunks)}: batched, then one by one")
+            log(f"generation {i + 1}/{repeats}, chunk {j + 1}/{len(chunks)}: batched, then one by one")
             t = time.perf_counter()
             answers = generate_answers(model, tokenizer, chunk, gen, end_marker, bs)
             b_wall += time.perf_counter() - t
@@ -216,7 +218,7 @@ def profile_batched(model: Any, tokenizer: Any, prompts: list[str], gen, end_mar
 
 def run(
     base: str = "embedded",
-    questions: int = 32,
+    questions: int = 128,
     repeats: int = 2,
     max_new_tokens: int | None = None,
     profile: bool = False,
@@ -235,7 +237,7 @@ def run(
         gen = gen.model_copy(update={"max_new_tokens": max_new_tokens})
     with tempfile.TemporaryDirectory(prefix="tagtune-bench-") as tmp:
         splits = shipped_splits(Path(tmp), params)
-        rows = [r for r in read_jsonl(splits / "test.jsonl") if r.get("prompt")]
+        rows = [r for f in ("test.jsonl", "val.jsonl") for r in read_jsonl(splits / f) if r.get("prompt")]
         rows = rows[:: max(1, len(rows) // questions)][:questions]  # spread: in-domain and refusal rows
         template = read_template(splits)
         end_marker = template.get("end_marker")
@@ -302,7 +304,9 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
-    ap.add_argument("--questions", type=int, default=32, help="N test prompts (multiples of 16 fill batches)")
+    ap.add_argument(
+        "--questions", type=int, default=128, help="N test and val prompts (evaluate answers ~136)"
+    )
     ap.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
     ap.add_argument("--base", default="embedded", help="model.base spec (default: embedded)")
     ap.add_argument("--profile", action="store_true", help="also profile one batched pass per precision")

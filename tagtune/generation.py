@@ -2,8 +2,9 @@
 
 Batches are left-padded (decoder-only models continue from the right edge), sorted by prompt tokens
 so little padding is wasted, and decoded with the KV cache by one loop (`_decode`) that drops each
-row from the batch as it ends at the end marker (`<END>`) or EOS: a batch costs what its unfinished
-rows cost, not its longest answer times its size. Inputs and logits processing are `generate()`'s,
+row from the batch as it ends at the end marker (`<END>`) or EOS and lets waiting prompts take the
+free slots (continuous batching): a batch costs what its unfinished rows cost, not its longest answer
+times its size, and it stays full while prompts wait. Inputs and logits processing are `generate()`'s,
 so greedy answers are `generate()`'s answers. The answer is cut at the marker; `stopped=False` means
 it hit `max_new_tokens` (a truncated answer — one of the seeds' failure modes). `stream_answer`
 yields one answer as the same loop generates it (chat, the UI); `classify` predicts labels for a
@@ -94,51 +95,146 @@ def _next_logits(model: Any, ids: Any, mask: Any, pos: Any, cache: Any) -> Any:
     return out.logits[:, -1].float()
 
 
+@dataclass
+class _Batch:
+    """The rows being decoded, left-padded; between steps the cache holds every column of `seqs`."""
+
+    live: list[int]  # each row's index in `_decode`'s `rows`
+    seqs: Any  # [rows, T] token ids, pad on the left
+    mask: Any  # [rows, T] 1 = a real token
+    pos: Any  # [rows, 1] the position of each row's last token
+    pads: Any  # [rows] left padding, which the repetition penalty ignores (as `generate` does)
+    cache: Any
+
+
+def _unless_full(mask: Any) -> Any:
+    """The attention mask, or None when no row is padded: as generate() does (a faster attention path)."""
+    return None if bool(mask.all()) else mask
+
+
+def _prefill(model: Any, tokenizer: Any, rows: list[list[int]], live: list[int]) -> tuple[_Batch, Any]:
+    """Start `rows[live]` as one left-padded batch: (the batch, the logits of each row's first token)."""
+    from transformers import DynamicCache
+
+    enc = tokenizer.pad({"input_ids": [rows[r] for r in live]}, return_tensors="pt").to(model.device)
+    seqs, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    batch = _Batch(live, seqs, mask, pos[:, -1:], (mask == 0).sum(-1), DynamicCache(config=model.config))
+    return batch, _next_logits(model, seqs, _unless_full(mask), pos, batch.cache)
+
+
+def _advance(model: Any, batch: _Batch, nxt: Any) -> Any:
+    """Feed each row its new token `nxt`; the logits of the token after it."""
+    import torch
+
+    batch.pos = batch.pos + 1
+    batch.seqs = torch.cat([batch.seqs, nxt[:, None]], -1)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.live), 1)], -1)
+    return _next_logits(model, nxt[:, None], _unless_full(batch.mask), batch.pos, batch.cache)
+
+
+def _keep(batch: _Batch, keep: list[int]) -> None:
+    """Keep the rows at `keep` (and their cache), then drop the left columns no row uses any more."""
+    import torch
+
+    if len(keep) < len(batch.live):
+        sel = torch.tensor(keep, device=batch.seqs.device)
+        batch.cache.batch_select_indices(sel)
+        batch.live = [batch.live[j] for j in keep]
+        batch.seqs, batch.mask, batch.pos, batch.pads = (
+            t[sel] for t in (batch.seqs, batch.mask, batch.pos, batch.pads)
+        )
+    cut = int(batch.pads.min())  # every row is padded at least this far: masked everywhere, so unused
+    if cut:
+        batch.seqs, batch.mask, batch.pads = batch.seqs[:, cut:], batch.mask[:, cut:], batch.pads - cut
+        for layer in batch.cache.layers:
+            layer.keys, layer.values = layer.keys[..., cut:, :], layer.values[..., cut:, :]
+
+
+def _join(a: _Batch, b: _Batch, pad_id: int) -> _Batch:
+    """One batch of the rows of `a` then `b`, the shorter side padded on the left to the longer."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(a.seqs.shape[1], b.seqs.shape[1])
+    parts = []
+    for x in (a, b):
+        grow = width - x.seqs.shape[1]
+        for layer in x.cache.layers:  # keys/values [rows, heads, T, dim]: zeros, masked like the pads
+            layer.keys, layer.values = (
+                F.pad(layer.keys, (0, 0, grow, 0)),
+                F.pad(layer.values, (0, 0, grow, 0)),
+            )
+        parts.append((F.pad(x.seqs, (grow, 0), value=pad_id), F.pad(x.mask, (grow, 0)), x.pads + grow))
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+        la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
+    (sa, ma, pa), (sb, mb, pb) = parts
+    cat = torch.cat
+    return _Batch(a.live + b.live, cat([sa, sb]), cat([ma, mb]), cat([a.pos, b.pos]), cat([pa, pb]), a.cache)
+
+
+def _joinable(cache: Any) -> bool:
+    """Rows can join a running batch: every cache layer is a plain growing one (no sliding window)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def _decode(
-    model: Any, tokenizer: Any, rows: list[list[int]], gen: GenerationConfig, end_marker: str | None
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    gen: GenerationConfig,
+    end_marker: str | None,
+    slots: int = 0,
 ) -> Iterator[list[tuple[int, int, float]]]:
-    """Decode the token lists `rows` as one left-padded batch with the KV cache, one token per row a step.
+    """Decode the token lists `rows`, at most `slots` (0: all) at a time in one left-padded batch with the
+    KV cache, one token per row a step.
 
     A row leaves the batch (and its cache) as soon as it ends — EOS, the end marker in its text, or
-    `max_new_tokens` — so later steps compute only the rows still going: answers end at very
-    different lengths, and a fixed batch would run every row to the longest. Inputs, positions and
-    logits processing are `generate()`'s, so greedy tokens are its tokens.
+    `max_new_tokens` — and waiting rows join it once a quarter of the slots are free (continuous
+    batching): answers end at very different lengths, and decoding is bound by reading the weights
+    once a step, so a step costs little more for 32 rows than for 8. Joining rows are prefilled
+    together and padded on the left to the batch; masked columns change no row's result. Inputs,
+    positions and logits processing are `generate()`'s, so greedy tokens are its tokens.
 
     Yields:
         Per step, `(row, token, log p of the token under the processed distribution)` of each live row.
     """
     import torch
-    from transformers import DynamicCache
 
-    enc = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
-    seqs, mask = enc["input_ids"], enc["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    pads = (mask == 0).sum(-1)
-    padded = not bool(mask.all())  # unpadded: no mask at all, as generate() does (a faster attention path)
-    live, new = list(range(len(rows))), [[] for _ in rows]
-    procs, cache, ids = _processors(gen, pads), DynamicCache(config=model.config), seqs
-    for _ in range(gen.max_new_tokens):
-        scores = procs(seqs, _next_logits(model, ids, mask if padded else None, pos, cache))
+    slots = slots or len(rows)
+    waiting = list(range(len(rows)))[::-1]  # popped from the end: rows in their given order
+    new: list[list[int]] = [[] for _ in rows]
+    batch, logits = _prefill(model, tokenizer, rows, [waiting.pop() for _ in range(min(slots, len(rows)))])
+    # a prefill reads the weights once more: let a quarter of the slots free up first
+    refill = max(1, slots // 4) if _joinable(batch.cache) else slots
+    while True:
+        scores = _processors(gen, batch.pads)(batch.seqs, logits)
         nxt = torch.multinomial(scores.softmax(-1), 1)[:, 0] if gen.do_sample else scores.argmax(-1)
         logp = scores.log_softmax(-1).gather(-1, nxt[:, None])[:, 0]
-        yield [(r, t, lp) for r, t, lp in zip(live, nxt.tolist(), logp.tolist(), strict=True)]
-        for r, t in zip(live, nxt.tolist(), strict=True):
+        yield [(r, t, lp) for r, t, lp in zip(batch.live, nxt.tolist(), logp.tolist(), strict=True)]
+        for r, t in zip(batch.live, nxt.tolist(), strict=True):
             new[r].append(t)
-        keep = [j for j, r in enumerate(live) if not _ended(new[r], tokenizer, end_marker)]
-        if not keep:
+        keep = [j for j, r in enumerate(batch.live) if not _ended(new[r], tokenizer, end_marker, gen)]
+        if keep:
+            _keep(batch, keep)
+            logits = _advance(model, batch, nxt[keep])
+        free = slots - len(keep)
+        if waiting and (free >= refill or not keep):
+            joining = [waiting.pop() for _ in range(min(free, len(waiting)))]
+            joined, first = _prefill(model, tokenizer, rows, joining)
+            if keep:
+                batch, logits = _join(batch, joined, tokenizer.pad_token_id), torch.cat([logits, first])
+            else:
+                batch, logits = joined, first
+        elif not keep:
             return
-        if len(keep) < len(live):
-            sel = torch.tensor(keep, device=seqs.device)
-            cache.batch_select_indices(sel)
-            seqs, mask, pos, pads, nxt = seqs[sel], mask[sel], pos[sel], pads[sel], nxt[sel]
-            live, procs = [live[j] for j in keep], _processors(gen, pads)
-        ids, pos = nxt[:, None], pos[:, -1:] + 1
-        seqs, mask = torch.cat([seqs, ids], -1), torch.cat([mask, mask.new_ones(len(live), 1)], -1)
 
 
-def _ended(tokens: list[int], tokenizer: Any, end_marker: str | None) -> bool:
-    """The answer so far ends here: its last token is EOS, or its text now holds the end marker."""
-    if tokens[-1] == tokenizer.eos_token_id:
+def _ended(tokens: list[int], tokenizer: Any, end_marker: str | None, gen: GenerationConfig) -> bool:
+    """The answer so far ends here: `max_new_tokens`, its last token is EOS, or its text holds the end marker."""
+    if len(tokens) >= gen.max_new_tokens or tokens[-1] == tokenizer.eos_token_id:
         return True
     # the marker spans several tokens ("Ġ<", "END", ">"), so look at text; one short decode per row a step
     return bool(end_marker) and end_marker in tokenizer.decode(tokens[-len(end_marker) :])
@@ -166,22 +262,21 @@ def generate_answers(
         return []
     _pad_left(tokenizer)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # by tokens: least left padding
-    out: list[Answer | None] = [None] * len(prompts)
+    # by tokens: rows that join the batch together pad little
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    new: list[list[int]] = [[] for _ in order]
+    logps: list[list[float]] = [[] for _ in order]
     model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        new: list[list[int]] = [[] for _ in idx]
-        logps: list[list[float]] = [[] for _ in idx]
-        for step in _decode(model, tokenizer, [ids[i] for i in idx], gen, end_marker):
-            for r, t, lp in step:
-                new[r].append(t)
-                logps[r].append(lp)
-        for i, toks, lps in zip(idx, new, logps, strict=True):
-            raw = tokenizer.decode(toks, skip_special_tokens=False)
-            text, found = cut_answer(raw, end_marker, tokenizer.eos_token)
-            logprob = float(torch.tensor(lps).mean()) if lps else None
-            out[i] = Answer(text=text, new_tokens=len(toks), stopped=found, logprob=logprob)
+    for step in _decode(model, tokenizer, [ids[i] for i in order], gen, end_marker, batch_size):
+        for r, t, lp in step:
+            new[r].append(t)
+            logps[r].append(lp)
+    out: list[Answer | None] = [None] * len(prompts)
+    for i, toks, lps in zip(order, new, logps, strict=True):
+        raw = tokenizer.decode(toks, skip_special_tokens=False)
+        text, found = cut_answer(raw, end_marker, tokenizer.eos_token)
+        logprob = float(torch.tensor(lps).mean()) if lps else None
+        out[i] = Answer(text=text, new_tokens=len(toks), stopped=found, logprob=logprob)
     return out  # type: ignore[return-value]
 
 

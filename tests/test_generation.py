@@ -155,3 +155,23 @@ def test_bench_generation_reports_each_precision_and_the_first_token(tiny_llama)
     md = bench_run.table({"generation": r}, machine_info())
     assert md.count("| Evaluation generation") == md.count("| Chat first token") == len(arms)
     assert md.count("| Batched generation, fp32, weights held transposed") == 1
+
+
+def test_waiting_rows_join_the_batch_as_rows_end(tiny):
+    """Continuous batching: with 3 slots, waiting rows start while others are mid-answer, never more
+    than 3 at once, and every row is answered (their answers are the reference's: the test above)."""
+    from tagtune.generation import _decode, _pad_left
+
+    model, tok, prompts, end = tiny["model"], tiny["tok"], tiny["prompts"], tiny["end"]
+    _pad_left(tok)
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    started: dict[int, int] = {}
+    sizes, mixed = [], False
+    for n, step in enumerate(_decode(model, tok, rows, GenerationConfig(max_new_tokens=16), end, slots=3)):
+        live = [r for r, _, _ in step]
+        sizes.append(len(live))
+        for r in live:
+            started.setdefault(r, n)
+        mixed |= len({started[r] for r in live}) > 1  # rows that started at different steps, together
+    assert len(prompts) > 3 and sorted(started) == list(range(len(prompts)))
+    assert max(sizes) == 3 and mixed
