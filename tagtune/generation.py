@@ -157,20 +157,18 @@ def _join(a: _Batch, b: _Batch, pad_id: int) -> _Batch:
     import torch.nn.functional as F
 
     width = max(a.seqs.shape[1], b.seqs.shape[1])
-    parts = []
-    for x in (a, b):
-        grow = width - x.seqs.shape[1]
-        for layer in x.cache.layers:  # keys/values [rows, heads, T, dim]: zeros, masked like the pads
-            layer.keys, layer.values = (
-                F.pad(layer.keys, (0, 0, grow, 0)),
-                F.pad(layer.values, (0, 0, grow, 0)),
-            )
-        parts.append((F.pad(x.seqs, (grow, 0), value=pad_id), F.pad(x.mask, (grow, 0)), x.pads + grow))
+    ga, gb = width - a.seqs.shape[1], width - b.seqs.shape[1]
+
+    def both(x: Any, y: Any, dims: tuple[int, ...] = (), value: int = 0) -> Any:
+        # pad the T axis on the left (`dims`: zero padding for the axes after T), then stack the rows
+        return torch.cat([F.pad(x, (*dims, ga, 0), value=value), F.pad(y, (*dims, gb, 0), value=value)])
+
     for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
-        la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
-    (sa, ma, pa), (sb, mb, pb) = parts
-    cat = torch.cat
-    return _Batch(a.live + b.live, cat([sa, sb]), cat([ma, mb]), cat([a.pos, b.pos]), cat([pa, pb]), a.cache)
+        # keys/values [rows, heads, T, dim]: zeros under a 0 mask, like the pad tokens
+        la.keys, la.values = both(la.keys, lb.keys, (0, 0)), both(la.values, lb.values, (0, 0))
+    seqs, mask = both(a.seqs, b.seqs, value=pad_id), both(a.mask, b.mask)
+    pos, pads = torch.cat([a.pos, b.pos]), torch.cat([a.pads + ga, b.pads + gb])
+    return _Batch(a.live + b.live, seqs, mask, pos, pads, a.cache)
 
 
 def _joinable(cache: Any) -> bool:
