@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tagtune.models import RERANKER_DIR, block_list_name  # RERANKER_DIR: in finetune output and versions
+# RERANKER_DIR: in finetune output and versions; MERGED_*, WEIGHTS_KEY: as the merged answering model's
+from tagtune.models import MERGED_DIR, MERGED_RECORD, RERANKER_DIR, WEIGHTS_KEY, block_list_name
 from tagtune.retrieval import FactIndex, Hit, facts_from_examples
 from tagtune.text import normalize
 
@@ -95,12 +96,16 @@ class Reranker:
     ) -> Reranker:
         """The adapter in `directory` on `base` (a model object of the same base, cut to its first
         `layers` blocks as in training), merged."""
-        from peft import PeftModel
-
         from tagtune.models import runnable
 
-        model = PeftModel.from_pretrained(truncate(base, layers), str(directory)).merge_and_unload()
-        return cls(runnable(model).eval(), tokenizer, candidates)
+        return cls(runnable(_merge(directory, base, layers)).eval(), tokenizer, candidates)
+
+
+def _merge(directory: str | Path, base: Any, layers: int) -> Any:
+    """The adapter in `directory` merged into `base` cut to `layers` blocks, in the base's dtype."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(truncate(base, layers), str(directory)).merge_and_unload()
 
 
 def truncate(model: Any, layers: int) -> Any:
@@ -137,23 +142,66 @@ def _adapted(model: Any, top: int) -> str | list[str]:
 
 def attach(index: FactIndex | None, root: str | Path, candidates: int | None = None) -> FactIndex | None:
     """`index` with the reranker saved under `root/reranker` (finetune's output or a version's
-    artifacts), if there is one; `index` unchanged otherwise."""
+    artifacts), if there is one; `index` unchanged otherwise. A merged copy kept there (`keep_merged`,
+    a chat cache entry) is loaded instead of base + adapter, after checking its sha256."""
     directory = Path(root) / RERANKER_DIR
     if index is None or not (directory / "adapter_config.json").is_file():
         return index
     import torch
 
     from tagtune.io import read_json
-    from tagtune.models import load_model, load_tokenizer, resolve_reference
+    from tagtune.models import load_model, load_tokenizer, runnable, verify_weights
 
     meta = read_json(directory / META_FILE)
+    candidates = candidates or meta["candidates"]
+    merged = directory / MERGED_DIR
+    if (merged / MERGED_RECORD).is_file():
+        record = read_json(merged / MERGED_RECORD)
+        hint = f"a cached merge of {directory}'s adapter: delete {merged} and the next chat start rebuilds it"
+        verify_weights(merged, record[WEIGHTS_KEY], merged / MERGED_RECORD, hint)
+        model = load_model(str(merged), dtype=getattr(torch, record["dtype"]), local_files_only=True)
+        index.reranker = Reranker(runnable(model).eval(), load_tokenizer(str(merged)), candidates)
+    else:
+        base, tokenizer = _base_of(directory, meta)
+        index.reranker = Reranker.load(directory, base, tokenizer, candidates, meta.get("layers", 0))
+    return index
+
+
+def _base_of(directory: Path, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, tokenizer) of the base the adapter in `directory` was trained on, verified by its sha256,
+    in the dtype training held it in."""
+    import torch
+
+    from tagtune.models import load_model, load_tokenizer, resolve_reference
+
     base_dir = resolve_reference(meta["base"], directory / META_FILE)  # the same bytes it was trained on
     dtype = meta["base"].get("dtype")
     base = load_model(base_dir, "causal_lm", dtype=getattr(torch, dtype) if dtype else None)
-    index.reranker = Reranker.load(
-        directory, base, load_tokenizer(base_dir), candidates or meta["candidates"], meta.get("layers", 0)
-    )
-    return index
+    return base, load_tokenizer(base_dir)
+
+
+def keep_merged(root: str | Path) -> None:
+    """Give a cached grounded version's reranker a merged copy, `reranker/merged/` (once, atomically,
+    with its sha256 and dtype), so every later `attach` loads one model: no base resolution, no peft
+    import, no merge (2.7 s of a `tagtune chat` start in a profile; README: Benchmarks).
+
+    As `tagtune.models.keep_merged` for the answering model: only for tagtune's own cache entries.
+    """
+    from tagtune.io import atomic_path, read_json, write_json
+    from tagtune.models import weights_sha256
+
+    directory = Path(root) / RERANKER_DIR
+    kept = (directory / MERGED_DIR / MERGED_RECORD).is_file()
+    if kept or not (directory / "adapter_config.json").is_file():
+        return
+    meta = read_json(directory / META_FILE)
+    base, tokenizer = _base_of(directory, meta)
+    model = _merge(directory, base, meta.get("layers", 0))  # its merge dtype: bf16 stays half the bytes
+    with atomic_path(directory / MERGED_DIR, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {WEIGHTS_KEY: weights_sha256(tmp, (".",)), "dtype": str(model.dtype).removeprefix("torch.")}
+        write_json(tmp / MERGED_RECORD, record)
 
 
 # -------------------------------------------------------------------------------------------- training

@@ -12,8 +12,8 @@ from stages.finetune import finetune
 from tagtune.config import FinetuneConfig, ModelConfig, RerankConfig, RetrievalConfig
 from tagtune.grounding import NOT_ASKED, ground, reply
 from tagtune.io import read_jsonl
-from tagtune.models import load_finetuned, load_model, load_tokenizer
-from tagtune.rerank import attach, train_reranker, training_lists
+from tagtune.models import ModelIntegrityError, load_finetuned, load_model, load_tokenizer
+from tagtune.rerank import attach, keep_merged, train_reranker, training_lists
 from tagtune.retrieval import FactIndex, facts_from_examples
 from tagtune.templates import read_template, refusal_answer
 
@@ -71,6 +71,7 @@ def test_a_trained_reranker_learns_its_lists_and_travels_with_the_model(tmp_path
     assert all(len(h) == 2 and h[0].score >= h[1].score for h in hits)  # reranked: its scores, best first
     meta = json.loads((out / "reranker" / "reranker.json").read_text())
     assert meta["base"]["weights_sha256"] and meta["candidates"] == 4
+    _kept_merged_scores_as_attached(out, train, index.reranker.scores(pairs), pairs)
 
     # no fact scored above the null option: the answer is the refusal, whatever the model generates
     template = read_template(out)
@@ -119,6 +120,31 @@ def test_a_reranker_adapting_its_last_blocks_only_trains_them_and_loads_as_train
     index = attach(FactIndex(facts_from_examples(train)), out)
     pairs = [(ex["question"], ex["reference"]) for ex in train[:6]]  # finetune trained the same one
     assert index.reranker.scores(pairs) == pytest.approx(reranker.scores(pairs), abs=1e-3)
+
+
+def _kept_merged_scores_as_attached(out, train, scores, pairs):
+    """`keep_merged` (a chat cache entry's reranker) writes the merged model once; `attach` then loads
+    it alone (the adapter's weights unread), cut as trained, to the same scores, and checks its bytes."""
+    keep_merged(out)
+    merged = out / "reranker" / "merged"
+    record = merged / "merged.json"
+    written = record.stat().st_mtime_ns
+    keep_merged(out)
+    assert record.stat().st_mtime_ns == written  # once per version
+    adapter = out / "reranker" / "adapter_model.safetensors"
+    adapter.rename(adapter.with_suffix(".away"))
+    try:
+        kept = attach(FactIndex(facts_from_examples(train)), out)
+        assert kept.reranker.model.config.num_hidden_layers == 1 and kept.reranker.candidates == 4
+        assert kept.reranker.scores(pairs) == scores
+    finally:
+        adapter.with_suffix(".away").rename(adapter)
+    weights = merged / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="delete .*merged"):
+        attach(FactIndex(facts_from_examples(train)), out)
 
 
 def _chat_streams_what_reply_answers(model, tok, template, index, questions, replies):

@@ -32,6 +32,7 @@ from tagtune.models import (
 )
 from tagtune.registry import INFO_FILE, pull, resolve_version
 from tagtune.rerank import attach
+from tagtune.rerank import keep_merged as keep_merged_reranker
 from tagtune.retrieval import FACTS_FILE, FactIndex
 from tagtune.templates import render_prompt
 
@@ -115,6 +116,7 @@ class Chatbot:
         if not (local / INFO_FILE).is_file():
             pull(info["model_uri"], local, mlflow_cfg, force=True)  # our own cache entry
         keep_merged(local / "artifacts")  # once per version: later starts load it without peft
+        keep_merged_reranker(local / "artifacts")  # and its reranker (a grounded version), likewise
         bot = cls.from_dir(local)
         bot.info.update(info)
         return bot
