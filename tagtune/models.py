@@ -429,14 +429,23 @@ def verify_model_dir(path: str | Path) -> None:
 
 
 def version_config(pulled: str | Path) -> dict[str, Any]:
-    """The pyfunc `model_config` a registered version was logged with (from a pulled dir's MLmodel)."""
+    """The pyfunc `model_config` a registered version was logged with (from a pulled dir's MLmodel).
+
+    MLflow stores it under the flavor's `config` key (`mlflow.models.model.MODEL_CONFIG`), read here
+    without importing MLflow (chat's start). Reading `model_config` instead, as before, found nothing:
+    pulled versions skipped their weight check, and chat ran without the version's `retrieval_k` and
+    abstention threshold (tests/test_register.py pins the key to MLflow's own reading).
+    """
     import yaml
 
     mlmodel_file = Path(pulled) / "MLmodel"
     if not mlmodel_file.is_file():
         return {}
     mlmodel = yaml.safe_load(mlmodel_file.read_text(encoding="utf-8")) or {}
-    return (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("model_config") or {}
+    return (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get(MLMODEL_CONFIG_KEY) or {}
+
+
+MLMODEL_CONFIG_KEY = "config"  # mlflow.models.model.MODEL_CONFIG
 
 
 def verify_version_weights(artifacts: Path, expected: dict[str, str], recorded_in: str | Path) -> None:

@@ -3,6 +3,7 @@ citing a fact it was never trained on."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_a_new_fact_is_indexed_by_dvc_repro_without_retraining(tmp_path, tiny_ll
     assert index.reranker is not None and NEW_FACT[1] in [
         h.fact.text for h in index.search([NEW_FACT[0]], 4)[0]
     ]
+    # chat answers as evaluate measured it: the version's k and its val-chosen threshold (if any)
+    from tagtune.app.chat import Chatbot
+
+    trained = json.loads((root / "models" / "finetune" / "training.json").read_text())["grounded"]["k"]
+    chosen = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text()).get("abstain.threshold")
+    grounding = Chatbot.from_dir(pulled).grounding
+    assert grounding["retrieval_k"] == trained and grounding.get("abstain_threshold") == chosen, grounding
     assert _ran(_dvc(root, "repro")) == ["feedback"]  # the snapshot always runs; nothing else
 
 

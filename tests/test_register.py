@@ -231,6 +231,28 @@ def test_adapter_version_refuses_a_missing_or_tampered_base(lora, mlflow_cfg, tm
         load_finetuned(pulled)
 
 
+def test_a_pulled_version_reads_its_config_as_mlflow_does_and_checks_its_adapter(lora, mlflow_cfg, tmp_path):
+    """`version_config` (read without importing MLflow) is what MLflow's loader reports, so a pulled
+    version's recorded weight hashes are checked: a flipped bit in its adapter is refused."""
+    import mlflow
+
+    from tagtune.models import WEIGHTS_KEY, ModelIntegrityError, load_finetuned, version_config
+
+    rec = _register(lora, "checked", "good", tmp_path, mlflow_cfg)
+    pulled = tmp_path / "pulled"
+    pull(rec["model_uri"], pulled, mlflow_cfg)
+    config = version_config(pulled)
+    assert config == mlflow.pyfunc.load_model(rec["model_uri"]).model_config
+    assert "adapter/adapter_model.safetensors" in config[WEIGHTS_KEY]
+    load_finetuned(pulled)  # as registered
+    weights = pulled / "artifacts" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="adapter_model.safetensors: sha256 differs"):
+        load_finetuned(pulled)
+
+
 def test_alias_resolution_without_mlflow_matches_the_client(lora, mlflow_cfg, tmp_path, monkeypatch):
     """chat resolves `@champion` over the REST API (http) or read-only SQL (sqlite) without importing
     MLflow; both must answer exactly what MlflowClient answers, and defer to it for errors."""
