@@ -518,6 +518,8 @@ def _report(
             better = "tuned" if (d < 0 if m in LOWER_IS_BETTER else d > 0) else ("=" if d == 0 else "base")
         lines.append(f"| {m} | {_fmt(t)} | {_fmt(b)} | {_fmt(d)} | {better} |")
     lines.append("")
+    if "abstain.threshold" in metrics:
+        lines += [_abstention_note(metrics), ""]
     for f in figures:
         lines.append(f"![{f[:-4]}](figures/{f})\n")
     lines.append("## Sample answers\n")
@@ -534,6 +536,23 @@ def _report(
         ]  # fmt: skip
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _abstention_note(metrics: dict[str, float]) -> str:
+    """What the threshold chosen on val does on this split, and the param that trades it.
+
+    Why: on data its retriever ranks poorly, the threshold that keeps val's wrong answers at the target
+    can refuse most in-domain questions (README: a second data set): the report says so and names the knob.
+    """
+    pct = lambda key: "—" if metrics.get(key) is None else f"{metrics[key]:.1%}"  # noqa: E731
+    return (
+        f"**Abstention.** Answers scoring below {metrics['abstain.threshold']:.3g} (the threshold chosen on "
+        f"{int(metrics.get('abstain.val_questions', 0))} val questions to keep confident-wrong answers within "
+        f"`evaluate.max_confident_wrong`) become the refusal. On this split: confident-wrong "
+        f"{pct('tuned.confident_wrong_rate_without_abstention')} → {pct('tuned.confident_wrong_rate')}, "
+        f"false refusals {pct('tuned.false_refusal_rate_without_abstention')} → {pct('tuned.false_refusal_rate')}. "
+        "Raise `evaluate.max_confident_wrong` to answer more questions, and be wrong more often."
+    )
 
 
 def _cell(v: Any) -> str:

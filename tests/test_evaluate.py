@@ -215,6 +215,19 @@ def test_aggregate_on_hand_made_answers():
     assert "refusal_rate" not in aggregate(rows, has_refusal=False)
 
 
+def test_the_report_says_what_abstention_costs_and_which_param_trades_it():
+    from stages.evaluate import _report
+
+    metrics = {"n.qa": 22.0, "tuned.answer_f1": 0.25, "tuned.false_refusal_rate": 0.727273,
+               "tuned.false_refusal_rate_without_abstention": 0.0, "tuned.confident_wrong_rate": 0.066667,
+               "tuned.confident_wrong_rate_without_abstention": 0.333333}  # fmt: skip
+    assert "Abstention" not in _report(metrics, {}, [], [])  # no threshold chosen: nothing to explain
+    report = _report({**metrics, "abstain.threshold": 2.177, "abstain.val_questions": 24.0}, {}, [], [])
+    assert "below 2.18 (the threshold chosen on 24 val questions" in report
+    assert "confident-wrong 33.3% → 6.7%, false refusals 0.0% → 72.7%" in report
+    assert "Raise `evaluate.max_confident_wrong`" in report
+
+
 def test_classification_metrics_macro_average():
     m = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", "b"])
     assert m["accuracy"] == 0.75
